@@ -1,0 +1,78 @@
+"""What a volume looks like to a model: shape, spacing and HU window (a preset's data part).
+
+``launch.presets`` builds these from named presets; ``patching`` only consumes them, so the data
+layer never imports ``launch``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .errors import InputError
+
+AIR_HU = -1024  # padding value for crop/pad and the floor of every HU window
+
+
+@dataclass(frozen=True)
+class VolumeSpec:
+    """Target grid of a dataset.
+
+    Args:
+        shape: voxels along ``(x, y, z)`` in RAS+ order.
+        spacing_mm: voxel size along ``(x, y, z)`` in millimetres.
+        hu_window: ``(lo, hi)`` HU range mapped linearly to ``[-1, 1]`` for models.
+    """
+
+    shape: tuple[int, int, int]
+    spacing_mm: tuple[float, float, float]
+    hu_window: tuple[float, float] = (-1024.0, 1600.0)
+
+    def __post_init__(self) -> None:
+        if len(self.shape) != 3 or any(int(s) < 1 for s in self.shape):
+            raise InputError("spec.shape", f"needs three positive sizes, got {self.shape}")
+        if len(self.spacing_mm) != 3 or any(not np.isfinite(s) or s <= 0 for s in self.spacing_mm):
+            raise InputError("spec.spacing_mm", f"needs three positive spacings, got {self.spacing_mm}")
+        lo, hi = self.hu_window
+        if not hi > lo:
+            raise InputError("spec.hu_window", f"needs lo < hi, got {self.hu_window}")
+        object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
+        object.__setattr__(self, "spacing_mm", tuple(float(s) for s in self.spacing_mm))
+        object.__setattr__(self, "hu_window", (float(lo), float(hi)))
+
+    @property
+    def extent_mm(self) -> tuple[float, float, float]:
+        return tuple(n * s for n, s in zip(self.shape, self.spacing_mm))  # type: ignore[return-value]
+
+    def affine(self) -> np.ndarray:
+        """RAS+ affine with the volume centred on the origin."""
+        return centred_affine(self.shape, self.spacing_mm)
+
+
+def centred_affine(shape, spacing_mm) -> np.ndarray:
+    """4×4 RAS+ voxel-to-world affine: diagonal spacing, the volume centre at world (0, 0, 0)."""
+    aff = np.eye(4)
+    aff[:3, :3] = np.diag(spacing_mm)
+    aff[:3, 3] = -0.5 * (np.asarray(shape, dtype=float) - 1) * np.asarray(spacing_mm, dtype=float)
+    return aff
+
+
+def hu_to_unit(hu, window: tuple[float, float]):
+    """Map HU to [-1, 1] by the window (clipped). Works on numpy arrays and torch tensors."""
+    lo, hi = window
+    if isinstance(hu, torch.Tensor):
+        x = hu.float()
+        return ((x.clamp(lo, hi) - lo) / (hi - lo)) * 2.0 - 1.0
+    x = np.asarray(hu, dtype=np.float32)
+    return ((np.clip(x, lo, hi) - lo) / (hi - lo)) * 2.0 - 1.0
+
+
+def unit_to_hu(u, window: tuple[float, float]):
+    """Inverse of :func:`hu_to_unit` (float output; round and cast to int16 to store)."""
+    lo, hi = window
+    if isinstance(u, torch.Tensor):
+        return (u.float().clamp(-1, 1) + 1.0) * 0.5 * (hi - lo) + lo
+    x = np.asarray(u, dtype=np.float32)
+    return (np.clip(x, -1, 1) + 1.0) * 0.5 * (hi - lo) + lo
