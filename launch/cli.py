@@ -1,0 +1,112 @@
+"""The ``xray2ct`` command line (see ARCHITECTURE.md, "The command-line contract").
+
+Exit status: 0 success, 2 bad input or usage (one line on stderr, no traceback), 1 anything else.
+Sub-commands import their heavy modules lazily so ``xray2ct --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from patching.errors import InputError
+
+
+def _add_data(sub: argparse._SubParsersAction) -> None:
+    data = sub.add_parser("data", help="make, ingest, render and inspect datasets")
+    dsub = data.add_subparsers(dest="data_cmd", required=True, metavar="{synth,ingest,drr,inspect,preview}")
+
+    p = dsub.add_parser("synth", help="synthesise chest CTPA phantoms with their X-rays into a store")
+    p.add_argument("--store", required=True)
+    p.add_argument("--num", type=int, required=True, help="number of cases")
+    p.add_argument("--shape", type=int, nargs=3, metavar=("X", "Y", "Z"), default=None,
+                   help="voxels (default: the preset's shape)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--emboli", type=float, default=0.0, metavar="P", help="probability a case has emboli")
+    p.add_argument("--preset", default="cpu-demo")
+    p.add_argument("--views", nargs="+", default=["pa", "lateral"], help="X-ray views to render (none: --views)")
+    p.add_argument("--xray-size", type=int, default=None, help="detector pixels per side")
+    p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+
+    p = dsub.add_parser("ingest", help="ingest NIfTI files and DICOM series into a store")
+    p.add_argument("sources", nargs="+", metavar="SRC")
+    p.add_argument("--store", required=True)
+    p.add_argument("--preset", default="ctpa-512")
+    p.add_argument("--workers", type=int, default=1)
+
+    p = dsub.add_parser("drr", help="render X-rays (DRRs) for a store, or for one CT file")
+    p.add_argument("--store")
+    p.add_argument("--views", nargs="+", default=["pa", "lateral"])
+    p.add_argument("--force", action="store_true", help="re-render views that exist")
+    p.add_argument("--input", help="a CT volume (.nii / .nii.gz) to render one view of")
+    p.add_argument("--view", default="pa", choices=["pa", "ap", "lateral"])
+    p.add_argument("--out", help="output image: .png (8-bit) or .npy (float32)")
+    p.add_argument("--sdd", type=float, default=None, help="source-to-detector distance, mm")
+    p.add_argument("--sid", type=float, default=None, help="source-to-isocentre distance, mm")
+    p.add_argument("--height", type=int, default=None, help="detector rows")
+    p.add_argument("--width", type=int, default=None, help="detector columns")
+    p.add_argument("--pixel-mm", type=float, default=None, help="detector pixel size, mm")
+    p.add_argument("--parallel", action="store_true", help="parallel beam instead of cone beam")
+    p.add_argument("--xray-size", type=int, default=None, help="detector pixels per side (store mode)")
+
+    p = dsub.add_parser("inspect", help="print a table of the cases in a store")
+    p.add_argument("--store", required=True)
+
+    p = dsub.add_parser("preview", help="write a tri-planar PNG of a case (with its X-rays)")
+    p.add_argument("--store", required=True)
+    p.add_argument("--case", required=True)
+    p.add_argument("--out", required=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="xray2ct", description="Chest X-ray → 3D CT / CTPA")
+    sub = parser.add_subparsers(dest="cmd", required=True,
+                                metavar="{data,train,export,demo}")
+    _add_data(sub)
+    # train/export parse their own flags (the same parser serves `accelerate launch -m launch.train`).
+    sub.add_parser("train", help="train a task (see `xray2ct train --help`)", add_help=False)
+    sub.add_parser("export", help="export checkpoint weights as safetensors + config.json", add_help=False)
+    p = sub.add_parser("demo", help="the whole pipeline on phantoms, on a CPU")
+    p.add_argument("--out", default="demo_out")
+    p.add_argument("--num", type=int, default=12, help="phantoms to synthesise")
+    p.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # train/export forward everything after their name to their own parsers.
+    if argv and argv[0] in ("train", "export"):
+        try:
+            if argv[0] == "train":
+                from launch.train import main as train_main
+
+                return int(train_main(argv[1:]) or 0)
+            from launch.export import main as export_main
+
+            return int(export_main(argv[1:]) or 0)
+        except InputError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    args = build_parser().parse_args(argv)
+    try:
+        if args.cmd == "data":
+            from launch import cli_data
+
+            return int(cli_data.run(args) or 0)
+        if args.cmd == "demo":
+            from launch.demo import run_demo
+
+            return int(run_demo(args) or 0)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    raise AssertionError(f"unhandled command {args.cmd}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

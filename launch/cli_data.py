@@ -1,0 +1,131 @@
+"""``xray2ct data ...`` handlers: synth, ingest, drr, inspect, preview."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from patching.errors import InputError
+from patching.store import Store
+
+
+def _synth(args) -> int:
+    from launch.presets import data_spec
+    from patching.synth_store import cpu_count, synthesize
+
+    spec = data_spec(args.preset)
+    shape = tuple(args.shape) if args.shape else spec.shape
+    store = Store(args.store, create=True)
+    workers = args.workers or cpu_count()
+    written = synthesize(store, args.num, shape, seed=args.seed, emboli=args.emboli, views=args.views,
+                         xray_size=args.xray_size, workers=workers)
+    print(f"{len(written)} phantom(s) written, {args.num - len(written)} already present -> {store.path}")
+    return 0
+
+
+def _ingest(args) -> int:
+    from launch.presets import data_spec
+    from patching.ingest import ingest
+
+    spec = data_spec(args.preset)
+    for src in args.sources:
+        if not os.path.exists(src):
+            raise InputError(src, "no such file or directory")
+    store = Store(args.store, create=True)
+    report = ingest(args.sources, store, spec, workers=max(1, args.workers))
+    for path, problem in report.failed:
+        print(f"error: {path}: {problem}", file=sys.stderr)
+    print(f"ingested {len(report.ingested)}, skipped {len(report.skipped)} (already present), "
+          f"failed {len(report.failed)} -> {store.path}")
+    return 2 if report.failed else 0
+
+
+def _load_volume(path: str):
+    from patching.ingest import load_nifti
+
+    if not os.path.isfile(path):
+        raise InputError(path, "no such file")
+    return load_nifti(path)
+
+
+def _drr(args) -> int:
+    from patching.synth_store import render_store_views
+
+    if args.input:
+        if not args.out:
+            raise InputError("--out", "is required with --input")
+        import torch
+
+        from patching.drr import DRRGeometry, render_drr
+
+        hu, spacing, _ = _load_volume(args.input)
+        kw = {k: v for k, v in dict(sdd_mm=args.sdd, sid_mm=args.sid, height=args.height, width=args.width,
+                                     pixel_mm=args.pixel_mm).items() if v is not None}
+        geometry = DRRGeometry(parallel=args.parallel, **kw)
+        with torch.no_grad():
+            img = render_drr(torch.from_numpy(np.asarray(hu, dtype=np.float32)), spacing, view=args.view,
+                             geometry=geometry).cpu().numpy()
+        write_image(args.out, img)
+        print(f"{args.view} DRR {img.shape[0]}x{img.shape[1]} -> {args.out}")
+        return 0
+    if not args.store:
+        raise InputError("xray2ct data drr", "give --store S, or --input CT.nii.gz --out IMG")
+    n = render_store_views(Store(args.store), args.views, xray_size=args.xray_size, force=args.force)
+    print(f"{n} view(s) rendered -> {args.store}")
+    return 0
+
+
+def write_image(out: str, img: np.ndarray) -> None:
+    """Write a [0, 1] float image as 8-bit PNG or float32 .npy (aside, then renamed)."""
+    from PIL import Image
+
+    path = Path(out)
+    if path.suffix.lower() not in (".png", ".npy"):
+        raise InputError(out, "output must end in .png or .npy")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    if path.suffix.lower() == ".npy":
+        np.save(tmp, np.asarray(img, dtype=np.float32))
+    else:
+        Image.fromarray((np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)).save(tmp)
+    os.replace(tmp, path)
+
+
+def inspect_table(store: Store) -> str:
+    rows = [("case", "shape", "spacing mm", "HU range", "views", "split", "labels", "status")]
+    for cid in store.case_ids():
+        c = store.case(cid)
+        labels = ",".join(f"{k}={v}" for k, v in c.labels.items() if k in ("embolus",)) or "-"
+        rows.append((cid, "x".join(map(str, c.shape)), "x".join(f"{s:g}" for s in c.spacing_mm),
+                     f"{c.attrs['hu_min']}..{c.attrs['hu_max']}", ",".join(c.views()) or "-", c.split,
+                     labels, "complete" + (" +latent" if c.has_latent else "")))
+    for p in store.incomplete():
+        rows.append((p.name, "?", "?", "?", "?", "?", "?", "incomplete"))
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(str(v).ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    counts = {s: len(store.case_ids(s)) for s in ("train", "val", "test")}
+    lines.append(f"{len(rows) - 1} case(s): " + ", ".join(f"{k} {v}" for k, v in counts.items())
+                 + f", incomplete {len(store.incomplete())}")
+    return "\n".join(lines)
+
+
+def _preview(args) -> int:
+    from patching.preview import save_triplanar_png
+
+    store = Store(args.store)
+    c = store.case(args.case)
+    out = save_triplanar_png(args.out, np.asarray(c.ct[...]), c.spacing_mm,
+                             xrays={v: c.xray(v) for v in c.views()}, title=c.case_id)
+    print(f"preview -> {out}")
+    return 0
+
+
+def run(args) -> int:
+    if args.data_cmd == "inspect":
+        print(inspect_table(Store(args.store)))
+        return 0
+    return {"synth": _synth, "ingest": _ingest, "drr": _drr, "preview": _preview}[args.data_cmd](args)
