@@ -162,8 +162,10 @@ class Case:
         return zarr.open_array(str(self.path / "ct"), mode="r")
 
     def views(self) -> list[str]:
+        """Views present, PA first, then lateral, then any others by name."""
         d = self.path / "xray"
-        return sorted(p.name for p in d.iterdir() if (p / "zarr.json").exists()) if d.is_dir() else []
+        names = [p.name for p in d.iterdir() if (p / "zarr.json").exists()] if d.is_dir() else []
+        return sorted(names, key=lambda v: ({"pa": 0, "lateral": 1}.get(v, 2), v))
 
     def xray(self, view: str) -> np.ndarray:
         p = self.path / "xray" / view
