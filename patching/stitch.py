@@ -1,0 +1,449 @@
+"""Sliding-window inference: run ``fn`` on overlapping tiles and blend the results.
+
+The output is ``Σ_t w_t · fn(tile_t) / Σ_t w_t`` with the weights of :mod:`patching.blend` on the
+grid of :mod:`patching.grid` (design and measurements: ``docs/patching.md``). One loop, two
+accumulators:
+
+- in memory: the weighted numerator is summed in place into the float32 result itself;
+- out of core (``out`` given): only a slab one output tile deep along one axis (the axis whose
+  slab is smallest) lives in RAM. Tiles run slab by slab, so once the last tile with a given
+  start on that axis has been added, every plane before the next start is final: it is
+  normalised and written to ``out``, and the slab slides on.
+
+Neither keeps a volume of summed weights: the normaliser of finished planes is rebuilt from the
+grid when they are flushed, in cache-sized boxes — an outer product of 1-D sums when the
+weights are separable (constant mode), otherwise (MONAI's clamped Gaussian) by adding the
+weight map of every tile that meets the box.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+import numbers
+from collections.abc import Callable, Sequence
+from fractions import Fraction
+
+import numpy as np
+import torch
+
+from .blend import BlendWeights, blend_weights
+from .errors import InputError
+from .grid import as_overlap, as_tile, pad_widths, tile_starts
+
+_CHUNK_ELEMS = 1 << 21  # voxels normalised per step when a slab is flushed (~8 MB of float32)
+
+
+def sliding_window(
+    volume,
+    fn: Callable[[torch.Tensor], torch.Tensor],
+    tile: int | Sequence[int],
+    overlap: float | Sequence[float] = 0.25,
+    mode: str = "gaussian",
+    sigma_scale: float | Sequence[float] = 0.125,
+    out=None,
+    *,
+    batch_size: int = 1,
+    scale: int | float | Fraction = 1,
+    out_channels: int | None = None,
+    pad_value: float | None = None,
+    progress: bool = False,
+    device: torch.device | str | None = None,
+) -> torch.Tensor | np.ndarray | None:
+    """Apply ``fn`` tile by tile over ``volume`` and blend the overlapping outputs.
+
+    Args:
+        volume: ``(C, X, Y, Z)`` or ``(X, Y, Z)`` torch tensor, numpy array, zarr array or any
+            array with numpy slicing; tiles are read lazily, one slice each. (Any number of
+            spatial axes works: their count is ``len(tile)``; an int ``tile`` means 3.)
+        fn: maps a float32 batch ``(B, C, *tile)`` to ``(B, C_out, *(tile·scale))``, under
+            ``torch.no_grad()``. It must neither modify its input in place nor keep it: like
+            MONAI, a batch of one tile of an in-memory float32 volume is a view of the volume,
+            and other batches are a buffer that the next call reuses.
+        tile: tile size in input voxels. Axes of ``volume`` shorter than the tile are padded
+            up to it (centred) and the output cropped back, so ``fn`` always sees full tiles.
+        overlap: fraction of a tile shared by neighbours, in ``[0, 1)``; stride is
+            ``max(1, floor(tile·(1 - overlap)))`` (see :mod:`patching.grid`).
+        mode, sigma_scale: blending weights (:func:`patching.blend.blend_weights`, computed on
+            the *output* tile).
+        out: ``None`` for an in-memory result; otherwise an array with numpy slice assignment
+            (a zarr array, a memmap, a tensor) of shape ``(C_out, *out_shape)`` (or
+            ``out_shape`` when ``C_out == 1``), filled slab by slab with bounded RAM. It may be
+            ``volume`` itself (same shape): planes are written only once no later tile reads them.
+        batch_size: tiles per ``fn`` call.
+        scale: output voxels per input voxel: a positive integer (e.g. latent→image) or the
+            reciprocal of one (image→latent; then tiles, starts and sizes are multiples of
+            ``1/scale`` — the grid is laid on the coarse lattice).
+        out_channels: ``C_out``, to check ``out`` before the first call; inferred otherwise.
+        pad_value: value for padding short axes; ``None`` repeats the edge voxel.
+        progress: show a tqdm bar over tiles.
+        device: where ``fn`` runs (tiles are moved there; results come back to the CPU,
+            where they are accumulated). Defaults to the device of a torch ``volume``.
+
+    Returns:
+        In memory: float32 result of shape ``(C_out, *out_shape)`` — a torch tensor for a torch
+        input, else numpy — without the channel axis when ``volume`` had none and
+        ``C_out == 1``. Out of core: ``None``.
+    """
+    geo = _Geometry(volume, tile, overlap, scale, out_of_core=out is not None)
+    if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
+        raise InputError("batch_size", f"must be a positive integer, got {batch_size}")
+    batch_size = int(batch_size)
+    weights = blend_weights(geo.out_tile, mode, sigma_scale)
+    c_out = _check_out(out, geo, out_channels)
+    reader = _TileReader(volume, geo, pad_value)
+    read_device = volume.device if isinstance(volume, torch.Tensor) else torch.device("cpu")
+    device = read_device if device is None else torch.device(device)
+
+    ax = geo.slab_axis
+    tiles = geo.tile_order()  # slab axis outermost
+    last_of_slab = {idx[ax]: n for n, idx in enumerate(tiles)}  # slab = tiles sharing a start on ax
+    w_dense = None if weights.floor == 1.0 and weights.separable else weights.dense()  # None: all ones
+    acc = batch_buf = None
+    bar = _progress(len(tiles), progress)
+    try:
+        for b0 in range(0, len(tiles), batch_size):
+            batch_idx = tiles[b0 : b0 + batch_size]
+            view = reader.view(batch_idx[0]) if len(batch_idx) == 1 else None
+            if view is not None:
+                batch = view[None]  # no copy, as MONAI: fn must not modify its input in place
+            else:
+                if batch_buf is None:  # one buffer for the run: a fresh 32 MiB block per call
+                    # costs page faults (glibc mmaps blocks that large) as slow as the copy
+                    batch_buf = torch.empty((batch_size, geo.channels, *geo.tile), device=read_device)
+                batch = batch_buf[: len(batch_idx)]  # (B, C, *tile) float32
+                for dst, idx in zip(batch, batch_idx, strict=True):
+                    reader.copy_into(idx, dst)
+            with torch.no_grad():
+                pred = fn(batch.to(device, non_blocking=True))
+            del batch
+            c_out = _check_pred(pred, len(batch_idx), geo, c_out)
+            pred = pred.detach().to("cpu", torch.float32)  # (B, C_out, *out_tile)
+            if acc is None:
+                acc = _Accumulator(c_out, geo, weights, w_dense, out)
+            for n, (idx, p) in enumerate(zip(batch_idx, pred, strict=True), start=b0):
+                o_sl, l_sl = geo.tile_slices(idx)
+                region = acc.view(o_sl)  # (C_out, *tile part inside the output)
+                if w_dense is None:  # constant weights: all ones
+                    region.add_(p[(slice(None), *l_sl)])
+                else:
+                    region.addcmul_(p[(slice(None), *l_sl)], w_dense[l_sl])
+                if last_of_slab[idx[ax]] == n:  # no later tile reaches before the next start
+                    nxt = idx[ax] + 1
+                    acc.finish(geo.entries[ax][nxt][0] if nxt < len(geo.starts[ax]) else geo.out_shape[ax])
+            del pred
+            bar.update(len(batch_idx))
+    finally:
+        bar.close()
+    if out is not None:
+        return None
+    result = acc.buf  # (C_out, *out_shape), normalised in place
+    if not geo.has_channels and c_out == 1:
+        result = result[0]
+    return result if isinstance(volume, torch.Tensor) else result.numpy()
+
+
+class _Geometry:
+    """Shapes, grid and the input→output index map of one sliding-window run."""
+
+    def __init__(self, volume, tile, overlap, scale, out_of_core: bool = False):
+        shape = getattr(volume, "shape", None)
+        if shape is None or not hasattr(volume, "__getitem__"):
+            raise InputError("volume", f"needs an array with .shape and slicing, got {type(volume).__name__}")
+        shape = tuple(int(s) for s in shape)
+        num_spatial = 3 if isinstance(tile, numbers.Integral) else len(tuple(tile))
+        if len(shape) not in (num_spatial, num_spatial + 1):
+            raise InputError(
+                "volume",
+                f"needs {num_spatial} spatial axes with an optional leading channel axis, got shape {shape}",
+            )
+        tile = as_tile(tile, num_spatial)
+        overlap = as_overlap(overlap, num_spatial)
+        up, down = _parse_scale(scale)
+        self.has_channels = len(shape) == num_spatial + 1
+        self.channels = shape[0] if self.has_channels else 1
+        self.shape = shape[-num_spatial:]
+        self.tile = tile
+        for name, sizes in (("tile", tile), ("volume", self.shape)):
+            if any(s % down for s in sizes):
+                raise InputError(name, f"sizes {sizes} must be multiples of 1/scale = {down}")
+        # The grid lives on the coarse lattice (step `down`) so that every output index is whole.
+        coarse = [s // down for s in self.shape]
+        coarse_tile = [t // down for t in tile]
+        self.pads = [(a * down, b * down) for a, b in pad_widths(coarse, coarse_tile)]
+        self.starts = [
+            [s * down for s in tile_starts(n + sum(p) // down, t, o)]
+            for n, t, o, p in zip(coarse, coarse_tile, overlap, self.pads, strict=True)
+        ]
+        self.out_shape = tuple(s * up // down for s in self.shape)
+        self.out_tile = tuple(t * up // down for t in tile)
+        # Per axis and tile index: (out_start, out_stop, local_start, local_stop) of the part of
+        # the output tile that lies inside the (unpadded) output.
+        self.entries = []
+        for starts, (lo, _), n_out, t_out in zip(self.starts, self.pads, self.out_shape, self.out_tile, strict=True):
+            axis = []
+            for s in starts:
+                o0 = (s - lo) * up // down
+                c0, c1 = max(o0, 0), min(o0 + t_out, n_out)
+                axis.append((c0, c1, c0 - o0, c1 - o0))
+            self.entries.append(axis)
+
+        # Out of core, the slab axis is the one whose one-tile-deep slab of the output is the
+        # smallest (for 512×512×604 with tiles 256×256×128: z, 128 planes of 512×512, instead of
+        # 256 planes of 512×604). In memory the whole result is allocated anyway: the first axis,
+        # whose planes are contiguous, makes finishing cheapest.
+        def slab_size(d):
+            return min(self.out_tile[d], self.out_shape[d]) * math.prod(self.out_shape) // self.out_shape[d]
+
+        self.slab_axis = 0
+        if out_of_core:
+            self.slab_axis = min(range(num_spatial), key=lambda d: (slab_size(d), d))
+
+    def tile_order(self) -> list[tuple[int, ...]]:
+        """Tile indices (one per axis), the slab axis outermost, the others in C order."""
+        ax, nd = self.slab_axis, len(self.starts)
+        order = [ax] + [d for d in range(nd) if d != ax]
+        tiles = []
+        for combo in itertools.product(*(range(len(self.starts[d])) for d in order)):
+            idx = [0] * nd
+            for d, i in zip(order, combo, strict=True):
+                idx[d] = i
+            tiles.append(tuple(idx))
+        return tiles
+
+    def tile_slices(self, idx) -> tuple[tuple[slice, ...], tuple[slice, ...]]:
+        """Output slices and tile-local slices of tile ``idx`` (one index per axis)."""
+        ent = [self.entries[d][i] for d, i in enumerate(idx)]
+        return tuple(slice(e[0], e[1]) for e in ent), tuple(slice(e[2], e[3]) for e in ent)
+
+
+def _parse_scale(scale) -> tuple[int, int]:
+    """``scale`` as ``(up, down)``: an integer ``up`` or a reciprocal ``1/down``."""
+    try:
+        value = Fraction(scale).limit_denominator(1 << 20)
+    except (TypeError, ValueError):
+        raise InputError("scale", f"must be a positive integer or 1/integer, got {scale!r}") from None
+    if value <= 0 or (value.numerator != 1 and value.denominator != 1) or abs(float(value) - float(scale)) > 1e-9:
+        raise InputError("scale", f"must be a positive integer or 1/integer, got {scale!r}")
+    return value.numerator, value.denominator
+
+
+def _check_out(out, geo: _Geometry, out_channels) -> int | None:
+    """Validate ``out`` and ``out_channels`` before any work; return C_out when known."""
+    if out_channels is not None and (int(out_channels) != out_channels or out_channels < 1):
+        raise InputError("out_channels", f"must be a positive integer, got {out_channels}")
+    if out is None:
+        return out_channels
+    shape = tuple(getattr(out, "shape", ()))
+    if shape[1:] == geo.out_shape and len(shape) == len(geo.out_shape) + 1:
+        if out_channels is not None and out_channels != shape[0]:
+            raise InputError("out", f"has {shape[0]} channels, out_channels is {out_channels}")
+        return shape[0]
+    if shape == geo.out_shape and out_channels in (None, 1):
+        return 1
+    raise InputError("out", f"has shape {shape}, expected (C_out, *{geo.out_shape}) for this volume and scale")
+
+
+def _check_pred(pred, batch: int, geo: _Geometry, c_out) -> int:
+    if not isinstance(pred, torch.Tensor):
+        raise InputError("fn", f"must return a torch tensor, got {type(pred).__name__}")
+    shape = tuple(pred.shape)
+    if len(shape) != len(geo.out_tile) + 2 or shape[0] != batch or shape[2:] != geo.out_tile:
+        raise InputError("fn", f"returned shape {shape}, expected ({batch}, C_out, *{geo.out_tile})")
+    if c_out is not None and shape[1] != c_out:
+        raise InputError("fn", f"returned {shape[1]} channels, expected {c_out} (out / out_channels)")
+    return shape[1]
+
+
+class _TileReader:
+    """Reads tile ``idx`` of ``volume`` as ``(C, *tile)`` float32, padded where it overhangs."""
+
+    def __init__(self, volume, geo: _Geometry, pad_value):
+        self.volume, self.geo, self.pad_value = volume, geo, pad_value
+        self.tensor = None  # the volume as a float32 tensor when tiles can be plain views
+        if isinstance(volume, torch.Tensor) and volume.dtype == torch.float32:
+            self.tensor = volume
+        elif isinstance(volume, np.ndarray) and volume.dtype == np.float32 and volume.flags.writeable:
+            self.tensor = torch.from_numpy(volume)  # shares memory
+
+    def _key(self, idx):
+        real, pad = [], []
+        for d, i in enumerate(idx):
+            s, lo, n, t = self.geo.starts[d][i], self.geo.pads[d][0], self.geo.shape[d], self.geo.tile[d]
+            a, b = max(s - lo, 0), min(s - lo + t, n)
+            real.append(slice(a, b))
+            pad.append((a - (s - lo), (s - lo + t) - b))
+        return ((slice(None),) if self.geo.has_channels else ()) + tuple(real), pad
+
+    def view(self, idx) -> torch.Tensor | None:
+        """The tile as a view of the volume (no copy), or None when it needs a copy."""
+        key, pad = self._key(idx)
+        if self.tensor is None or any(p != (0, 0) for p in pad):
+            return None
+        block = self.tensor[key]
+        return block if self.geo.has_channels else block[None]
+
+    def copy_into(self, idx, dst: torch.Tensor) -> None:
+        """Copy the tile into ``dst`` in one pass (dtype converted on the way)."""
+        key, pad = self._key(idx)
+        block = self.volume[key]  # a view of tensors and numpy arrays; zarr reads only needed chunks
+        if not self.geo.has_channels:
+            block = block[None]
+        if any(p != (0, 0) for p in pad):  # an axis shorter than the tile: rare, a temporary is fine
+            block = block.cpu().numpy() if isinstance(block, torch.Tensor) else np.asarray(block)
+            kw = {"mode": "edge"} if self.pad_value is None else {"mode": "constant", "constant_values": self.pad_value}
+            block = torch.from_numpy(np.pad(block, [(0, 0), *pad], **kw))
+        if isinstance(block, torch.Tensor):
+            dst.copy_(block)
+        else:
+            dst.numpy()[...] = block  # numpy assignment converts the dtype without a temporary
+
+
+class _Accumulator:
+    """Weighted sums for the planes ``[base, base + depth)`` along the slab axis ``ax``.
+
+    In memory ``buf`` is the whole result (``base`` stays 0); out of core it is one output tile
+    deep along ``ax`` and slides along it, written to ``out`` as planes are finished.
+    """
+
+    def __init__(self, channels: int, geo: _Geometry, weights: BlendWeights, dense, out):
+        self.geo, self.out, self.ax = geo, out, geo.slab_axis
+        ax, shape = self.ax, geo.out_shape
+        depth = shape[ax] if out is None else min(geo.out_tile[ax], shape[ax])
+        # torch.zeros faults the pages in with one sequential fill. (A calloc'd buffer, faulted
+        # in later by the strided, multi-threaded tile additions, measured 3× the system time.)
+        self.buf = torch.zeros((channels, *shape[:ax], depth, *shape[ax + 1 :]), dtype=torch.float32)
+        self.base = 0  # index along ax of the first plane in buf
+        self.done = 0  # planes before this are normalised (and written)
+        self.sums = None
+        if weights.separable:  # normaliser = outer product of per-axis sums of the factors
+            self.sums = []
+            for f, axis, n in zip(weights.factors, geo.entries, shape, strict=True):
+                acc = torch.zeros(n, dtype=torch.float64)
+                for o0, o1, l0, l1 in axis:
+                    acc[o0:o1] += f[l0:l1]
+                self.sums.append(acc)
+        self.dense = dense  # (out_tile) float32, the map the numerator was weighted with
+        self._wbuf = torch.empty(0)
+        chunks = getattr(out, "shards", None) or getattr(out, "chunks", None)
+        self.write_step = int(chunks[len(chunks) - len(shape) + ax]) if chunks else 0
+
+    def _along(self, sl: slice, lead: int = 1) -> tuple[slice, ...]:
+        """Index selecting ``sl`` along the slab axis (after ``lead`` leading axes)."""
+        return (slice(None),) * (lead + self.ax) + (sl,)
+
+    def view(self, out_slices: tuple[slice, ...]) -> torch.Tensor:
+        ax, s = self.ax, out_slices[self.ax]
+        assert self.base <= s.start and s.stop <= self.base + self.buf.shape[1 + ax], (s, self.base)
+        local = slice(s.start - self.base, s.stop - self.base)
+        return self.buf[(slice(None), *out_slices[:ax], local, *out_slices[ax + 1 :])]
+
+    def finish(self, upto: int) -> None:
+        """Normalise (and write out) planes ``[done, upto)``: no later tile touches them."""
+        shape, ax = self.geo.out_shape, self.ax
+        for p0, p1 in _pieces(self.done, upto, self.write_step):
+            # Boxes of about _CHUNK_ELEMS voxels cut along axis 0, so that they stay cache-sized
+            # and their innermost runs long whatever the slab axis is.
+            box = [(0, n) for n in shape]
+            box[ax] = (p0, p1)
+            row = math.prod(hi - lo for lo, hi in box[1:])
+            step = max(1, _CHUNK_ELEMS // max(row, 1))
+            lo0, hi0 = box[0]
+            for c0 in range(lo0, hi0, step):
+                box[0] = (c0, min(c0 + step, hi0))
+                local = [slice(lo, hi) for lo, hi in box]
+                local[ax] = slice(local[ax].start - self.base, local[ax].stop - self.base)
+                with _one_thread():
+                    # (C, *box) / (*box): broadcast over channels
+                    self.buf[(slice(None), *local)].div_(self._normaliser(box))
+            if self.out is not None:
+                self._write(p0, p1)
+        self.done = upto
+        if self.out is not None:
+            self._slide(upto)
+
+    def _normaliser(self, box: Sequence[tuple[int, int]]) -> torch.Tensor:
+        """Σ of the weights of every tile over the output box ``[(lo, hi) per axis]``."""
+        nd = len(box)
+        if self.sums is not None:
+            w = None
+            for d, (acc, (lo, hi)) in enumerate(zip(self.sums, box, strict=True)):
+                part = acc[lo:hi].reshape(*([1] * d), -1, *([1] * (nd - d - 1)))
+                w = part if w is None else w * part  # broadcast outer product
+            return w.to(torch.float32)
+        size = [hi - lo for lo, hi in box]
+        if self._wbuf.numel() < math.prod(size):
+            self._wbuf = torch.empty(math.prod(size), dtype=torch.float32)
+        w = self._wbuf[: math.prod(size)].view(size).zero_()  # reused: no fresh pages per box
+        parts = []  # per axis: (box slice, tile-local slice) of every tile that meets the box
+        for (lo, hi), axis in zip(box, self.geo.entries, strict=True):
+            parts.append([
+                (slice(max(o0, lo) - lo, min(o1, hi) - lo), slice(max(o0, lo) - o0 + l0, min(o1, hi) - o0 + l0))
+                for o0, o1, l0, _ in axis
+                if max(o0, lo) < min(o1, hi)
+            ])
+        for combo in itertools.product(*parts):
+            w[tuple(c[0] for c in combo)].add_(self.dense[tuple(c[1] for c in combo)])  # in place on a view
+        return w
+
+    def _write(self, x0: int, x1: int) -> None:
+        data = self.buf[self._along(slice(x0 - self.base, x1 - self.base))]
+        if self.geo.out_shape == tuple(self.out.shape):  # out has no channel axis (C_out == 1)
+            key, data = self._along(slice(x0, x1), lead=0), data[0]
+        else:
+            key = self._along(slice(x0, x1))
+        self.out[key] = data if isinstance(self.out, torch.Tensor) else data.numpy()
+
+    def _slide(self, new_base: int) -> None:
+        """Move the unfinished planes to the front of ``buf`` without a full-size temporary."""
+        shift, depth = new_base - self.base, self.buf.shape[1 + self.ax]
+        if shift <= 0:
+            return
+        keep = max(depth - shift, 0)
+        for p in range(0, keep, shift):  # source and target pieces never overlap
+            q = min(p + shift, keep)
+            self.buf[self._along(slice(p, q))] = self.buf[self._along(slice(p + shift, q + shift))]
+        self.buf[self._along(slice(keep, depth))].zero_()
+        self.base = new_base
+
+
+@contextlib.contextmanager
+def _one_thread():
+    """Run many small (cache-sized) ops on one thread: on a busy machine each multi-threaded op
+    can wait a scheduler slice at its barrier, which made the normaliser 10-50× slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+def _pieces(x0: int, x1: int, step: int):
+    """Split ``[x0, x1)`` at multiples of ``step`` (chunk boundaries of ``out``); whole if 0."""
+    if step <= 0:
+        if x1 > x0:
+            yield x0, x1
+        return
+    a = x0
+    while a < x1:
+        b = min((a // step + 1) * step, x1)
+        yield a, b
+        a = b
+
+
+def _progress(total: int, enabled: bool):
+    if enabled:
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, desc="tiles", unit="tile")
+
+    class _Null:
+        def update(self, n):
+            pass
+
+        def close(self):
+            pass
+
+    return _Null()
