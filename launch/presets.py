@@ -9,6 +9,8 @@ from __future__ import annotations
 from patching.errors import InputError
 from patching.spec import VolumeSpec
 
+from .config import TrainConfig
+
 
 def cpu_demo_data() -> VolumeSpec:
     # 64³ phantoms covering a 360 mm chest field of view: small enough for a laptop CPU.
@@ -28,3 +30,29 @@ def data_spec(name: str) -> VolumeSpec:
         return DATA_PRESETS[name]()
     except KeyError:
         raise InputError("--preset", f"unknown preset {name!r}; known: {', '.join(sorted(DATA_PRESETS))}") from None
+
+
+# --- training section (launch.config.TrainConfig) ------------------------------------------------
+# The engine's `train.*` defaults per preset; a task may change some (its `train_defaults`),
+# and `--set train.key=value` changes any.
+
+
+def cpu_demo_train() -> TrainConfig:
+    # Minutes on a laptop CPU: small batches, frequent logs and checkpoints.
+    return TrainConfig(max_steps=200, batch_size=1, num_workers=1, log_every=10, ckpt_every=100, keep_last=2)
+
+
+def ctpa_512_train() -> TrainConfig:
+    # H100s: one 256×256×128 tile per GPU per micro-batch, several accumulated per step.
+    return TrainConfig(max_steps=100_000, batch_size=1, grad_accum=4, num_workers=4, log_every=50,
+                       ckpt_every=2000, keep_last=3)
+
+
+TRAIN_PRESETS = {"cpu-demo": cpu_demo_train, "ctpa-512": ctpa_512_train}
+
+
+def train_spec(name: str) -> TrainConfig:
+    try:
+        return TRAIN_PRESETS[name]()
+    except KeyError:
+        raise InputError("--preset", f"unknown preset {name!r}; known: {', '.join(sorted(TRAIN_PRESETS))}") from None
