@@ -62,16 +62,69 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="xray2ct", description="Chest X-ray → 3D CT / CTPA")
     sub = parser.add_subparsers(dest="cmd", required=True,
-                                metavar="{data,train,export,demo}")
+                                metavar="{data,train,export,encode,sample,demo}")
     _add_data(sub)
     # train/export parse their own flags (the same parser serves `accelerate launch -m launch.train`).
     sub.add_parser("train", help="train a task (see `xray2ct train --help`)", add_help=False)
     sub.add_parser("export", help="export checkpoint weights as safetensors + config.json", add_help=False)
+    p = sub.add_parser("encode", help="cache every case's stage-1 latent in the store")
+    p.add_argument("--store", required=True)
+    p.add_argument("--vqgan", required=True, help="vqgan checkpoint, run or export directory")
+    p.add_argument("--split", default=None, choices=["train", "val", "test"])
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p = sub.add_parser("sample", help="reconstruct a CT volume from X-ray files")
+    p.add_argument("--checkpoint", required=True, help="checkpoint, run or export directory")
+    p.add_argument("--pa", help="PA X-ray: PNG, JPEG, DICOM or .npy")
+    p.add_argument("--lateral", help="lateral X-ray (biplanar models)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--steps", type=int, default=None, help="sampler steps (diffusion)")
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (diffusion)")
+    p.add_argument("--num-samples", type=int, default=1, help="samples; >1 also writes mean and std volumes")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None)
     p = sub.add_parser("demo", help="the whole pipeline on phantoms, on a CPU")
     p.add_argument("--out", default="demo_out")
     p.add_argument("--num", type=int, default=12, help="phantoms to synthesise")
     p.add_argument("--seed", type=int, default=0)
     return parser
+
+
+def _encode(args) -> int:
+    import json
+
+    from stage1_vqgan.encode import encode_store
+
+    summary = encode_store(args.store, args.vqgan, split=args.split, device=args.device)
+    print(json.dumps({k: v for k, v in summary.items() if k not in ("encoded", "skipped")}, indent=2))
+    print(f"encoded {len(summary['encoded'])}, skipped {len(summary['skipped'])} (already encoded by these weights)")
+    return 0
+
+
+def _sample(args) -> int:
+    from pathlib import Path
+
+    from gan_baselines.sampling import GAN_TASKS, checkpoint_preset, checkpoint_task, sample_gan
+    from launch.presets import data_spec
+
+    task = checkpoint_task(args.checkpoint)
+    if args.pa is None and args.lateral is None:
+        raise InputError("--pa", "give at least one X-ray (--pa, and --lateral for biplanar models)")
+    if task in GAN_TASKS:
+        if args.num_samples != 1:
+            raise InputError("--num-samples", f"{task} is deterministic: one sample per X-ray")
+        files = sample_gan(Path(args.checkpoint), args.pa and Path(args.pa), args.lateral and Path(args.lateral),
+                           Path(args.out), data_spec(checkpoint_preset(args.checkpoint)), device=args.device or "cpu")
+    elif task == "diffusion":
+        from stage2_diffusion.pipeline import sample_diffusion
+
+        files = sample_diffusion(args.checkpoint, args.pa, args.lateral, args.out, steps=args.steps,
+                                 guidance=args.guidance, num_samples=args.num_samples, seed=args.seed,
+                                 device=args.device)
+    else:
+        raise InputError("--checkpoint", f"a {task!r} checkpoint cannot sample; give an x2ct-gan, x-recon or diffusion one")
+    for kind, path in files.items():
+        print(f"  {kind:8s} {path}")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -95,6 +148,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from launch import cli_data
 
             return int(cli_data.run(args) or 0)
+        if args.cmd == "encode":
+            return _encode(args)
+        if args.cmd == "sample":
+            return _sample(args)
         if args.cmd == "demo":
             from launch.demo import run_demo
 

@@ -1,0 +1,159 @@
+"""The diffusion task on the engine: the latent dataset's position contract, CLI training on an
+encoded phantom store, and bit-exact resume (N + resume + N == 2N)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from launch.train import build_run_config
+from patching.errors import InputError
+from patching.store import Store
+from patching.synth_store import synthesize
+from stage2_diffusion.data import LatentDataset, collate
+from stage2_diffusion.task import DiffusionTask
+from tests.launch.toy_task import REPO, child_env
+
+N = 2  # steps before the resume; runs go to 2N
+VQ_TINY = ("model.base_channels=8", "model.channel_mults=1,1,2", "model.attn_mid=false", "model.latent_dim=4",
+           "model.codebook_size=32", "disc.channels=8", "disc.num_layers=2", "disc.start_step=2",
+           "codec.tile=16,16,16", "codec.tile_latent=4,4,4", "data.num_val_tiles=2")
+# 32³ phantoms → 8³ × 4 latents; 32² X-rays → 2 × 8² tokens of 16; UNet 8·(1, 2); 4³ training crops.
+TINY = ("encoder.image_size=32", "encoder.channels=8,8,8", "encoder.token_grid=8", "encoder.token_dim=16",
+        "encoder.norm_groups=4", "unet.latent_channels=4", "unet.base_channels=8", "unet.channel_mults=1,2",
+        "unet.cross_attn_levels=1", "unet.num_head_channels=8", "unet.context_dim=16", "unet.norm_groups=4",
+        "latent_shape=8,8,8", "sampler.steps=3", "data.crop=4,4,4")
+RUN = ("train.batch_size=2", "train.num_workers=1", "train.keep_last=10", f"train.ckpt_every={N}", "train.log_every=1")
+
+
+def run_ok(cmd: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+def encoded_store(tmp_path_factory) -> tuple[Path, Path]:
+    """(store, vqgan run): 6 phantoms 32³, a 2-step tiny VQ-GAN (checkpoints at steps 1 and 2), latents
+    of its step-2 weights. Built once per pytest session (shared with test_pipeline.py)."""
+    from stage1_vqgan.encode import encode_store
+
+    root = tmp_path_factory.getbasetemp() / "diffusion-shared"
+    store, vq, done = root / "store", root / "vq", root / "encoded.ok"
+    if not done.exists():
+        root.mkdir(exist_ok=True)
+        synthesize(Store(store, create=True), 6, (32, 32, 32), xray_size=32, workers=1, progress=False)
+        run_ok([sys.executable, "-m", "launch.train", "vqgan", "--store", str(store), "--preset", "cpu-demo",
+                "--output-dir", str(vq), "--max-steps", "2", "--set", *VQ_TINY, "train.batch_size=2",
+                "train.num_workers=0", "train.val_every=0", "train.ckpt_every=1", "train.keep_last=5"])
+        encode_store(store, vq, progress=False)
+        done.write_text("ok")
+    return store, vq
+
+
+def train_cmd(store: Path, out: Path, steps: int, resume: str | None = None) -> list[str]:
+    args = [sys.executable, "-m", "launch.train", "diffusion", "--store", str(store), "--preset", "cpu-demo",
+            "--output-dir", str(out), "--max-steps", str(steps)]
+    if resume:
+        args += ["--resume", resume]
+    return args + ["--set", *TINY, *RUN]
+
+
+def trained_run(tmp_path_factory) -> Path:
+    """A 2N-step diffusion run (checkpoints at N and 2N), once per session."""
+    store, _ = encoded_store(tmp_path_factory)
+    out = tmp_path_factory.getbasetemp() / "diffusion-shared" / "run"
+    if not (out / "checkpoints" / f"step-{2 * N}" / "meta.json").exists():
+        run_ok(train_cmd(store, out, 2 * N))
+    return out
+
+
+def assert_same_checkpoint(a: Path, b: Path) -> None:
+    files = sorted(p.relative_to(a) for p in a.rglob("*.safetensors") if not p.name.startswith("rank-"))
+    assert files and files == sorted(p.relative_to(b) for p in b.rglob("*.safetensors") if not p.name.startswith("rank-"))
+    for rel in files:
+        ta, tb = load_file(a / rel), load_file(b / rel)
+        assert ta.keys() == tb.keys(), rel
+        for k in ta:
+            assert torch.equal(ta[k], tb[k]), f"{rel}: {k} differs"
+
+
+# --- config and dataset ----------------------------------------------------------------------------
+
+
+def test_presets_resolve_and_bad_crop_is_an_input_error():
+    task = DiffusionTask()
+    demo = build_run_config(task, "cpu-demo", [])
+    assert demo.latent_shape == (16, 16, 16) and demo.data.crop is None and demo.train.lr == 2e-4
+    big = build_run_config(task, "ctpa-512", ["data.crop=64,64,64"])
+    assert big.data.crop == (64, 64, 64) and big.unet.gradient_checkpointing
+    with pytest.raises(InputError, match="data.crop"):
+        build_run_config(task, "cpu-demo", ["data.crop=5,4,4"])  # not a multiple of the UNet's ×4
+
+
+def test_store_without_latents_says_run_encode(tmp_path):
+    store = Store(tmp_path / "s", create=True)
+    with pytest.raises(InputError, match="xray2ct encode"):
+        LatentDataset(store, split="train", image_size=32, views=("pa", "lateral"))
+
+
+def test_dataset_follows_the_position_contract(tmp_path_factory):
+    store, _ = encoded_store(tmp_path_factory)
+    kw = dict(split=None, image_size=32, views=("pa", "lateral"), crop=(4, 4, 4), seed=3, batch_size=2)
+    one = list(LatentDataset(store, **kw))
+    assert [s["position"] for s in one] == list(range(6))
+    s0 = one[0]
+    assert s0["latent"].shape == (4, 4, 4, 4) and s0["xray"].shape == (2, 32, 32) and s0["views_present"].all()
+    assert s0["latent_shape"].tolist() == [8, 8, 8] and all(0 <= v <= 4 for v in s0["start"].tolist())
+    # Scaled by the store's factor: the crop equals the raw latent's crop × scale.
+    st = Store(store)
+    raw = st.case(s0["case_id"]).latent[...]
+    x, y, z = s0["start"].tolist()
+    ref = torch.from_numpy(raw[:, x:x + 4, y:y + 4, z:z + 4]) * st.attrs["latent_scale_factor"]
+    assert torch.equal(s0["latent"], ref)
+    # Two ranks take p ≡ r (mod 2), the same samples (crops included) as one process.
+    for r in range(2):
+        part = list(LatentDataset(store, **kw, rank=r, world_size=2))
+        assert [s["position"] for s in part] == list(range(r, 6, 2))
+        for s in part:
+            assert s["case_id"] == one[s["position"]]["case_id"] and torch.equal(s["latent"], one[s["position"]]["latent"])
+    # Resume at position 4 on 2 ranks: 4 → rank 0, 5 → rank 1; set_epoch goes back to 0 with a new order.
+    ds = LatentDataset(store, **kw, rank=1, world_size=2)
+    ds.load_state_dict({"epoch": 0, "position": 4, "num_cases": 6})
+    assert [s["position"] for s in ds] == [5]
+    ds.set_epoch(1)
+    assert len(list(ds)) == 3
+    batch = collate(one[:2])
+    assert batch["latent"].shape == (2, 4, 4, 4, 4) and batch["views_present"].dtype == torch.bool
+
+
+# --- training --------------------------------------------------------------------------------------
+
+
+def test_cli_trains_and_resume_is_bit_identical(tmp_path_factory, tmp_path):
+    straight = trained_run(tmp_path_factory)
+    records = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 2 * N + 1))
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
+    ck = straight / "checkpoints" / f"step-{2 * N}"
+    assert (ck / "ema" / "diffusion.safetensors").is_file()
+    extra = json.loads((ck / "extra.json").read_text())["state"]
+    store_attrs = Store(tmp_path_factory.getbasetemp() / "diffusion-shared" / "store").attrs
+    assert extra["latent_scale_factor"] == store_attrs["latent_scale_factor"]
+    assert extra["vqgan"]["weights_sha256"] == store_attrs["latent_vqgan"]["weights_sha256"]
+    assert extra["vqgan"]["source"] == store_attrs["latent_vqgan"]["source"]
+    assert extra["volume"]["spacing_mm"] == [5.625] * 3
+
+    store, _ = encoded_store(tmp_path_factory)
+    resumed = tmp_path / "resumed"
+    run_ok(train_cmd(store, resumed, N))
+    run_ok(train_cmd(store, resumed, 2 * N, resume="latest"))
+    assert_same_checkpoint(ck, resumed / "checkpoints" / f"step-{2 * N}")
+    again = {json.loads(line)["step"]: json.loads(line) for line in (resumed / "metrics.jsonl").read_text().splitlines()}
+    for r in records:
+        assert again[r["step"]]["loss"] == r["loss"], r["step"]
