@@ -1,0 +1,298 @@
+"""Reconstruct a CT from X-ray files with a trained X2CT-GAN or X-Recon generator.
+
+    files = sample_gan(Path("runs/x2ct/checkpoints/latest"), Path("pa.png"), Path("lat.png"),
+                       Path("out/"), data_spec("cpu-demo"))
+    # {"nifti": out/volume.nii.gz, "zarr": out/volume.zarr, "preview": out/preview.png}
+
+Weights come from a training checkpoint (``D/checkpoints/step-N``, the ``latest`` pointer file,
+``D/checkpoints`` or the run directory ``D``: its newest checkpoint) or from an ``xray2ct export``
+directory (``<model>.safetensors`` + ``config.json``). They are read with ``safetensors`` and
+JSON only — nothing is unpickled — and the generator's EMA weights are used when the run kept
+them (``ema/generator.safetensors``; an export's ``generator.safetensors`` already holds them).
+The layouts are those written by ``launch/checkpoint.py`` and ``launch/export.py``; this module
+reads them without importing ``launch`` (stage packages never do).
+
+Pipeline: X-rays read with :func:`patching.xray_io.read_xray` (PNG, JPEG, DICOM, ``.npy``) and
+resized to the model's X-ray size → generator → the model's [0, 1] back to the project's
+[-1, 1] → HU by the preset's window → trilinear (``align_corners=False``) from the model's cube
+to the preset's full shape → int16 HU, written as NIfTI (``volume.nii.gz``; the preset's RAS+
+affine, volume centred on the origin, so nibabel reads the preset's spacing), as a Zarr v3 array
+(``volume.zarr``, same chunks and codec as the store) and as a tri-planar PNG with the input
+X-rays (``preview.png``). Every file is written aside and renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import uuid
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from patching.errors import InputError
+from patching.preview import save_triplanar_png
+from patching.spec import VolumeSpec
+from patching.store import DEFAULT_CT_CHUNKS, write_array
+from patching.xray_io import read_xray, resize_xray
+
+from . import x2ct_gan, x_recon
+from .common import from_model_range
+
+CHECKPOINT_FORMAT = "xray2ct-checkpoint"  # launch/checkpoint.py
+EXPORT_FORMAT = "xray2ct-weights"  # launch/export.py
+_STEP_RE = re.compile(r"^step-(\d+)$")
+
+# task name → (config class, its sections' classes, generator class)
+GAN_TASKS: dict[str, tuple[type, dict[str, type], type]] = {
+    "x2ct-gan": (x2ct_gan.X2CTGANConfig, {"model": x2ct_gan.X2CTGANModelConfig, "loss": x2ct_gan.X2CTGANLossConfig,
+                                          "optim": x2ct_gan.GANOptimConfig}, x2ct_gan.X2CTGenerator),
+    "x-recon": (x_recon.XReconConfig, {"model": x_recon.XReconModelConfig, "loss": x_recon.XReconLossConfig,
+                                       "optim": x2ct_gan.GANOptimConfig}, x_recon.XReconGenerator),
+}
+_TASK_REFS = {"gan_baselines.x2ct_gan.task:X2CTGANTask": "x2ct-gan", "gan_baselines.x_recon.task:XReconTask": "x-recon"}
+
+
+@dataclass
+class LoadedGenerator:
+    """A generator ready to run (``eval()``), with what it was trained as."""
+
+    task: str
+    preset: str
+    step: int
+    cfg: Any  # X2CTGANConfig | XReconConfig
+    generator: nn.Module
+    weights: str  # "ema" or "raw"
+    source: Path
+
+
+# --- finding and reading weights ------------------------------------------------------------------
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise InputError(path, "missing file") from None
+    except (OSError, ValueError) as err:
+        raise InputError(path, f"not valid JSON ({err})") from None
+
+
+def _newest_checkpoint(root: Path) -> Path | None:
+    """What ``root/latest`` names, else the highest ``step-N`` with a ``meta.json``."""
+    pointer = root / "latest"
+    if pointer.is_file():
+        name = pointer.read_text().strip()
+        if _STEP_RE.match(name) and (root / name / "meta.json").is_file():
+            return root / name
+    steps = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _STEP_RE.match(p.name))
+             and (p / "meta.json").is_file()]
+    return max(steps)[1] if steps else None
+
+
+def resolve_weights(path: str | os.PathLike) -> tuple[str, Path]:
+    """``("export", dir)`` or ``("checkpoint", dir)`` for a path a user gives as ``--checkpoint``."""
+    p = Path(path)
+    if p.is_file() and p.name == "latest":  # the pointer file itself
+        name = p.read_text().strip()
+        if not _STEP_RE.match(name) or not (p.parent / name / "meta.json").is_file():
+            raise InputError(p, f"names {name!r}, which is not a complete checkpoint")
+        return "checkpoint", p.parent / name
+    if not p.exists():
+        raise InputError(p, "no such file or directory")
+    if not p.is_dir():
+        raise InputError(p, "is a file; give a checkpoint directory, a run directory or an export directory")
+    if (p / "meta.json").is_file():
+        return "checkpoint", p
+    if (p / "config.json").is_file() and _read_json(p / "config.json").get("format") == EXPORT_FORMAT:
+        return "export", p
+    for root in (p, p / "checkpoints"):
+        if root.is_dir() and (found := _newest_checkpoint(root)) is not None:
+            return "checkpoint", found
+    raise InputError(p, "not a checkpoint (no meta.json), an export (no config.json) or a directory holding checkpoints")
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise InputError(path, "missing weights file")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as err:  # a truncated or foreign file
+        raise InputError(path, f"not a readable safetensors file ({type(err).__name__}: {err})") from None
+
+
+def _build_config(task: str, data: dict, source: Path) -> Any:
+    """The task's config from the saved (resolved) run config; the engine's ``train`` is ignored."""
+    cls, sections, _ = GAN_TASKS[task]
+    kwargs = {}
+    for name, section_cls in sections.items():
+        given = dict(data.get(name) or {})
+        known = {f.name for f in fields(section_cls)}
+        kwargs[name] = section_cls(**{k: v for k, v in given.items() if k in known})
+    try:
+        return cls(**kwargs)
+    except TypeError as err:
+        raise InputError(source, f"config does not fit {task}: {err}") from None
+
+
+def _describe(path: str | os.PathLike) -> dict:
+    kind, where = resolve_weights(path)
+    return _read_json(where / ("config.json" if kind == "export" else "meta.json"))
+
+
+def checkpoint_preset(path: str | os.PathLike) -> str:
+    """The preset name a checkpoint or export was trained with (for ``data_spec``)."""
+    return str(_describe(path).get("preset", "cpu-demo"))
+
+
+def checkpoint_task(path: str | os.PathLike) -> str:
+    """The task a checkpoint or export belongs to (``x2ct-gan``, ``x-recon``, ``vqgan``, ...):
+    a sampling CLI sends those in :data:`GAN_TASKS` to :func:`sample_gan`."""
+    meta = _describe(path)
+    return _TASK_REFS.get(str(meta.get("task_ref")), str(meta.get("task")))
+
+
+def load_generator(path: str | os.PathLike, device: str | torch.device = "cpu") -> LoadedGenerator:
+    """Load an X2CT-GAN or X-Recon generator (EMA weights when present) from a checkpoint or export."""
+    kind, where = resolve_weights(path)
+    if kind == "export":
+        doc = _read_json(where / "config.json")
+        meta, run_cfg = doc, doc.get("config") or {}
+    else:
+        meta = _read_json(where / "meta.json")
+        if meta.get("format") != CHECKPOINT_FORMAT:
+            raise InputError(where / "meta.json", f"not an xray2ct checkpoint (format {meta.get('format')!r})")
+        run_cfg = _read_json(where / "config.json").get("config") or {}
+    task = _TASK_REFS.get(str(meta.get("task_ref")), str(meta.get("task")))
+    if task not in GAN_TASKS:
+        raise InputError(where, f"is a checkpoint of task {meta.get('task')!r}, not of a GAN baseline "
+                                f"({', '.join(GAN_TASKS)})")
+    cfg = _build_config(task, run_cfg, where)
+    if kind == "export":
+        entry = (doc.get("models") or {}).get("generator")
+        if entry is None:
+            raise InputError(where / "config.json", "lists no generator weights")
+        state, weights = _load_tensors(where / entry["file"]), str(entry.get("weights", "raw"))
+    elif (where / "ema" / "generator.safetensors").is_file():
+        state, weights = _load_tensors(where / "ema" / "generator.safetensors"), "ema"
+    else:
+        state, weights = _load_tensors(where / "models" / "generator.safetensors"), "raw"
+    generator = GAN_TASKS[task][2](cfg.model)
+    try:
+        generator.load_state_dict(state)
+    except RuntimeError as err:
+        first = str(err).splitlines()[0]
+        raise InputError(where, f"generator weights do not match the saved {task} config ({first})") from None
+    generator.to(device).eval()
+    return LoadedGenerator(task, str(meta.get("preset", "")), int(meta.get("step", 0)), cfg, generator, weights, where)
+
+
+# --- reconstruction -------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def reconstruct_hu(loaded: LoadedGenerator, xrays: dict[str, np.ndarray], spec: VolumeSpec) -> np.ndarray:
+    """int16 HU ``[x, y, z]`` of ``spec.shape`` from X-rays (``[row, col]`` in [0, 1], any size).
+
+    The generator's cube is mapped to HU by ``spec.hu_window`` (clipped) and resampled to the
+    full shape by trilinear interpolation (``align_corners=False``), in HU.
+    """
+    m = loaded.cfg.model
+    device = next(loaded.generator.parameters()).device
+    inputs = {}
+    for view in m.views:
+        img = resize_xray(xrays[view], (m.xray_size, m.xray_size))
+        inputs[view] = torch.from_numpy(img)[None, None].to(device)  # 1×1×S×S
+    cube = loaded.generator(**inputs).float()  # 1×1×N×N×N in the model's range
+    lo, hi = spec.hu_window
+    cube_hu = (from_model_range(cube, m.value_range).clamp_(-1.0, 1.0) + 1.0) * (0.5 * (hi - lo)) + lo
+    full = torch.nn.functional.interpolate(cube_hu, size=spec.shape, mode="trilinear", align_corners=False)
+    return full[0, 0].round_().to(torch.int16).cpu().numpy()  # in place: one float copy at full size
+
+
+def _read_inputs(views: tuple[str, ...], pa: Path | None, lateral: Path | None, task: str) -> dict[str, np.ndarray]:
+    given = {"pa": pa, "lateral": lateral}
+    flag = {"pa": "--pa", "lateral": "--lateral"}
+    for view, path in given.items():
+        if view in views and path is None:
+            kind = "biplanar" if len(views) == 2 else f"single-view ({view})"
+            raise InputError(flag[view], f"this {task} model is {kind}: give the {view} X-ray with {flag[view]} IMG")
+        if view not in views and path is not None:
+            raise InputError(flag[view], f"this {task} model is single-view ({views[0]}); it takes no {view} X-ray")
+    return {view: read_xray(given[view]) for view in views}
+
+
+def write_nifti(path: Path, hu: np.ndarray, affine: np.ndarray) -> Path:
+    """int16 NIfTI with the affine as sform and qform (scanner coordinates, mm); written aside."""
+    img = nib.Nifti1Image(np.asarray(hu, dtype=np.int16), affine)
+    img.header.set_xyzt_units("mm")
+    img.set_sform(affine, code=1)
+    img.set_qform(affine, code=1)
+    tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:8]}.tmp.nii.gz")
+    nib.save(img, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def write_zarr(path: Path, hu: np.ndarray, attrs: dict) -> Path:
+    """A Zarr v3 int16 array (the store's chunks and codec), written aside and swapped in."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    write_array(tmp, np.asarray(hu, dtype=np.int16), chunks=DEFAULT_CT_CHUNKS, attrs=attrs, fill_value=-1024)
+    if path.exists():
+        old = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.old")
+        os.rename(path, old)
+        os.rename(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, path)
+    return path
+
+
+def sample_gan(checkpoint: Path, pa: Path | None, lateral: Path | None, out: Path, preset: VolumeSpec, *,
+               device: str | torch.device = "cpu") -> dict[str, Path]:
+    """Reconstruct one CT from X-ray files with a GAN baseline and write it into ``out``.
+
+    Args:
+        checkpoint: a checkpoint directory, the ``latest`` pointer, ``D/checkpoints``, a run
+            directory ``D``, or an ``xray2ct export`` directory.
+        pa, lateral: X-ray files (PNG, JPEG, DICOM, ``.npy``); a biplanar model needs both,
+            a single-view model exactly its view.
+        out: output directory (created).
+        preset: the data preset whose shape, spacing and HU window the volume gets, e.g.
+            ``launch.presets.data_spec(checkpoint_preset(checkpoint))``.
+        device: where the generator runs.
+
+    Returns:
+        ``{"nifti": out/volume.nii.gz, "zarr": out/volume.zarr, "preview": out/preview.png}``.
+
+    Raises:
+        InputError: unreadable or missing X-ray, a missing or extra view, a checkpoint that is
+            not an X2CT-GAN / X-Recon one, unreadable weights, ``out`` not a directory.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise InputError("--out", f"{out} exists and is not a directory")
+    loaded = load_generator(checkpoint, device)
+    views = tuple(loaded.cfg.model.views)
+    images = _read_inputs(views, None if pa is None else Path(pa), None if lateral is None else Path(lateral), loaded.task)
+    hu = reconstruct_hu(loaded, images, preset)
+    out.mkdir(parents=True, exist_ok=True)
+    affine = preset.affine()
+    attrs = {"task": loaded.task, "step": loaded.step, "weights": loaded.weights, "source": str(loaded.source),
+             "spacing_mm": list(preset.spacing_mm), "affine": affine.tolist(), "units": "HU"}
+    files = {
+        "nifti": write_nifti(out / "volume.nii.gz", hu, affine),
+        "zarr": write_zarr(out / "volume.zarr", hu, attrs),
+        "preview": save_triplanar_png(out / "preview.png", hu, preset.spacing_mm, xrays=images,
+                                      title=f"{loaded.task} step {loaded.step} ({loaded.weights} weights)"),
+    }
+    return files
