@@ -23,33 +23,26 @@ X-rays (``preview.png``). Every file is written aside and renamed into place.
 
 from __future__ import annotations
 
-import json
 import os
-import re
-import shutil
-import uuid
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-import nibabel as nib
 import numpy as np
 import torch
-from safetensors import safe_open
 from torch import nn
 
 from patching.errors import InputError
 from patching.preview import save_triplanar_png
 from patching.spec import VolumeSpec
-from patching.store import DEFAULT_CT_CHUNKS, write_array
+from patching.volume_io import write_nifti, write_zarr
+from patching.weights import CHECKPOINT_FORMAT, describe, resolve_weights
+from patching.weights import load_tensors as _load_tensors
+from patching.weights import read_json as _read_json
 from patching.xray_io import read_xray, resize_xray
 
 from . import x2ct_gan, x_recon
 from .common import from_model_range
-
-CHECKPOINT_FORMAT = "xray2ct-checkpoint"  # launch/checkpoint.py
-EXPORT_FORMAT = "xray2ct-weights"  # launch/export.py
-_STEP_RE = re.compile(r"^step-(\d+)$")
 
 # task name → (config class, its sections' classes, generator class)
 GAN_TASKS: dict[str, tuple[type, dict[str, type], type]] = {
@@ -74,60 +67,7 @@ class LoadedGenerator:
     source: Path
 
 
-# --- finding and reading weights ------------------------------------------------------------------
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise InputError(path, "missing file") from None
-    except (OSError, ValueError) as err:
-        raise InputError(path, f"not valid JSON ({err})") from None
-
-
-def _newest_checkpoint(root: Path) -> Path | None:
-    """What ``root/latest`` names, else the highest ``step-N`` with a ``meta.json``."""
-    pointer = root / "latest"
-    if pointer.is_file():
-        name = pointer.read_text().strip()
-        if _STEP_RE.match(name) and (root / name / "meta.json").is_file():
-            return root / name
-    steps = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _STEP_RE.match(p.name))
-             and (p / "meta.json").is_file()]
-    return max(steps)[1] if steps else None
-
-
-def resolve_weights(path: str | os.PathLike) -> tuple[str, Path]:
-    """``("export", dir)`` or ``("checkpoint", dir)`` for a path a user gives as ``--checkpoint``."""
-    p = Path(path)
-    if p.is_file() and p.name == "latest":  # the pointer file itself
-        name = p.read_text().strip()
-        if not _STEP_RE.match(name) or not (p.parent / name / "meta.json").is_file():
-            raise InputError(p, f"names {name!r}, which is not a complete checkpoint")
-        return "checkpoint", p.parent / name
-    if not p.exists():
-        raise InputError(p, "no such file or directory")
-    if not p.is_dir():
-        raise InputError(p, "is a file; give a checkpoint directory, a run directory or an export directory")
-    if (p / "meta.json").is_file():
-        return "checkpoint", p
-    if (p / "config.json").is_file() and _read_json(p / "config.json").get("format") == EXPORT_FORMAT:
-        return "export", p
-    for root in (p, p / "checkpoints"):
-        if root.is_dir() and (found := _newest_checkpoint(root)) is not None:
-            return "checkpoint", found
-    raise InputError(p, "not a checkpoint (no meta.json), an export (no config.json) or a directory holding checkpoints")
-
-
-def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise InputError(path, "missing weights file")
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as err:  # a truncated or foreign file
-        raise InputError(path, f"not a readable safetensors file ({type(err).__name__}: {err})") from None
+# --- finding and reading weights: patching.weights (shared by every sampler) -----------------
 
 
 def _build_config(task: str, data: dict, source: Path) -> Any:
@@ -144,20 +84,15 @@ def _build_config(task: str, data: dict, source: Path) -> Any:
         raise InputError(source, f"config does not fit {task}: {err}") from None
 
 
-def _describe(path: str | os.PathLike) -> dict:
-    kind, where = resolve_weights(path)
-    return _read_json(where / ("config.json" if kind == "export" else "meta.json"))
-
-
 def checkpoint_preset(path: str | os.PathLike) -> str:
     """The preset name a checkpoint or export was trained with (for ``data_spec``)."""
-    return str(_describe(path).get("preset", "cpu-demo"))
+    return str(describe(path).get("preset", "cpu-demo"))
 
 
 def checkpoint_task(path: str | os.PathLike) -> str:
     """The task a checkpoint or export belongs to (``x2ct-gan``, ``x-recon``, ``vqgan``, ...):
     a sampling CLI sends those in :data:`GAN_TASKS` to :func:`sample_gan`."""
-    meta = _describe(path)
+    meta = describe(path)
     return _TASK_REFS.get(str(meta.get("task_ref")), str(meta.get("task")))
 
 
@@ -229,32 +164,6 @@ def _read_inputs(views: tuple[str, ...], pa: Path | None, lateral: Path | None, 
         if view not in views and path is not None:
             raise InputError(flag[view], f"this {task} model is single-view ({views[0]}); it takes no {view} X-ray")
     return {view: read_xray(given[view]) for view in views}
-
-
-def write_nifti(path: Path, hu: np.ndarray, affine: np.ndarray) -> Path:
-    """int16 NIfTI with the affine as sform and qform (scanner coordinates, mm); written aside."""
-    img = nib.Nifti1Image(np.asarray(hu, dtype=np.int16), affine)
-    img.header.set_xyzt_units("mm")
-    img.set_sform(affine, code=1)
-    img.set_qform(affine, code=1)
-    tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:8]}.tmp.nii.gz")
-    nib.save(img, tmp)
-    os.replace(tmp, path)
-    return path
-
-
-def write_zarr(path: Path, hu: np.ndarray, attrs: dict) -> Path:
-    """A Zarr v3 int16 array (the store's chunks and codec), written aside and swapped in."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    write_array(tmp, np.asarray(hu, dtype=np.int16), chunks=DEFAULT_CT_CHUNKS, attrs=attrs, fill_value=-1024)
-    if path.exists():
-        old = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.old")
-        os.rename(path, old)
-        os.rename(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, path)
-    return path
 
 
 def sample_gan(checkpoint: Path, pa: Path | None, lateral: Path | None, out: Path, preset: VolumeSpec, *,

@@ -34,10 +34,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from gan_baselines.sampling import resolve_weights, write_nifti, write_zarr
 from patching.errors import InputError
 from patching.preview import save_triplanar_png
 from patching.spec import centred_affine
+from patching.volume_io import write_nifti, write_zarr
+from patching.weights import resolve_weights
 from patching.xray_io import read_xray, resize_xray
 from stage1_vqgan.codec import decode_latent
 from stage1_vqgan.encode import _load_tensors, _read_json, load_vqgan
