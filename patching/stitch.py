@@ -8,12 +8,18 @@ accumulators:
 - out of core (``out`` given): only a slab one output tile deep along one axis (the axis whose
   slab is smallest) lives in RAM. Tiles run slab by slab, so once the last tile with a given
   start on that axis has been added, every plane before the next start is final: it is
-  normalised and written to ``out``, and the slab slides on.
+  normalised and written to ``out`` (whole chunks of ``out`` at a time), and the slab slides on.
 
 Neither keeps a volume of summed weights: the normaliser of finished planes is rebuilt from the
 grid when they are flushed, in cache-sized boxes — an outer product of 1-D sums when the
 weights are separable (constant mode), otherwise (MONAI's clamped Gaussian) by adding the
 weight map of every tile that meets the box.
+
+Work that does not need the result of ``fn`` runs on one helper thread (``prefetch=True``), in
+order: reading, casting and ``input_map`` of the next batch while ``fn`` and the accumulation of
+the current one run, normalising finished planes, and writing them out of core. Tiles of lazily
+read volumes (Zarr, …) come from an input slab that follows the output slab, so each stored
+plane is read (and decoded) once instead of once per overlapping tile.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import itertools
 import math
 import numbers
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from fractions import Fraction
 
 import numpy as np
@@ -32,7 +39,7 @@ from .blend import BlendWeights, blend_weights
 from .errors import InputError
 from .grid import as_overlap, as_tile, pad_widths, tile_starts
 
-_CHUNK_ELEMS = 1 << 21  # voxels normalised per step when a slab is flushed (~8 MB of float32)
+_CHUNK_ELEMS = 1 << 21  # voxels normalised per step when planes are finished (~8 MB of float32)
 
 
 def sliding_window(
@@ -50,17 +57,23 @@ def sliding_window(
     pad_value: float | None = None,
     progress: bool = False,
     device: torch.device | str | None = None,
+    input_map: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    prefetch: bool = True,
 ) -> torch.Tensor | np.ndarray | None:
     """Apply ``fn`` tile by tile over ``volume`` and blend the overlapping outputs.
 
     Args:
         volume: ``(C, X, Y, Z)`` or ``(X, Y, Z)`` torch tensor, numpy array, zarr array or any
-            array with numpy slicing; tiles are read lazily, one slice each. (Any number of
-            spatial axes works: their count is ``len(tile)``; an int ``tile`` means 3.)
+            array with numpy slicing, of any real dtype (e.g. int16 HU): tiles are cast to
+            float32 as they are read. Numpy arrays and tensors are sliced tile by tile; other
+            arrays (Zarr, …) are read through an input slab one tile deep along the slab axis,
+            so that every stored plane is read and decoded once. (Any number of spatial axes
+            works: their count is ``len(tile)``; an int ``tile`` means 3.)
         fn: maps a float32 batch ``(B, C, *tile)`` to ``(B, C_out, *(tile·scale))``, under
-            ``torch.no_grad()``. It must neither modify its input in place nor keep it: like
-            MONAI, a batch of one tile of an in-memory float32 volume is a view of the volume,
-            and other batches are a buffer that the next call reuses.
+            ``torch.no_grad()``. It must neither modify its input in place nor keep it after
+            returning (returning it, or a view of it, is fine): like MONAI, a batch of one tile
+            of an in-memory float32 volume is a view of the volume, and other batches are a
+            buffer that the next batch reuses.
         tile: tile size in input voxels. Axes of ``volume`` shorter than the tile are padded
             up to it (centred) and the output cropped back, so ``fn`` always sees full tiles.
         overlap: fraction of a tile shared by neighbours, in ``[0, 1)``; stride is
@@ -80,6 +93,14 @@ def sliding_window(
         progress: show a tqdm bar over tiles.
         device: where ``fn`` runs (tiles are moved there; results come back to the CPU,
             where they are accumulated). Defaults to the device of a torch ``volume``.
+        input_map: applied to each float32 batch ``(B, C, *tile)`` (tiles cast from the
+            volume's dtype, padded) before it is moved to ``device`` and given to ``fn``, e.g.
+            :func:`window_to_unit` to map HU to ``[-1, 1]``. Its argument is the stitcher's own
+            buffer, never a view of the volume, so it may work in place and return it; what it
+            returns is what ``fn`` gets. With ``prefetch`` it runs on the helper thread.
+        prefetch: run reading, casting and ``input_map`` of the next batch, the normalisation of
+            finished planes and (out of core) their writing on one helper thread, overlapping
+            ``fn`` and the accumulation. ``False`` does everything in the calling thread.
 
     Returns:
         In memory: float32 result of shape ``(C_out, *out_shape)`` — a torch tensor for a torch
@@ -89,52 +110,56 @@ def sliding_window(
     geo = _Geometry(volume, tile, overlap, scale, out_of_core=out is not None)
     if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
         raise InputError("batch_size", f"must be a positive integer, got {batch_size}")
+    if input_map is not None and not callable(input_map):
+        raise InputError("input_map", f"must be a callable or None, got {type(input_map).__name__}")
     batch_size = int(batch_size)
     weights = blend_weights(geo.out_tile, mode, sigma_scale)
     c_out = _check_out(out, geo, out_channels)
-    reader = _TileReader(volume, geo, pad_value)
     read_device = volume.device if isinstance(volume, torch.Tensor) else torch.device("cpu")
     device = read_device if device is None else torch.device(device)
 
     ax = geo.slab_axis
     tiles = geo.tile_order()  # slab axis outermost
+    batches = [tiles[b0 : b0 + batch_size] for b0 in range(0, len(tiles), batch_size)]
     last_of_slab = {idx[ax]: n for n, idx in enumerate(tiles)}  # slab = tiles sharing a start on ax
     w_dense = None if weights.floor == 1.0 and weights.separable else weights.dense()  # None: all ones
-    acc = batch_buf = None
+    feeder = _Feeder(_TileReader(volume, geo, pad_value), geo, min(batch_size, len(tiles)), read_device, input_map)
+    helper = _Helper(prefetch)
+    acc = None
     bar = _progress(len(tiles), progress)
+    ok = False
     try:
-        for b0 in range(0, len(tiles), batch_size):
-            batch_idx = tiles[b0 : b0 + batch_size]
-            view = reader.view(batch_idx[0]) if len(batch_idx) == 1 else None
-            if view is not None:
-                batch = view[None]  # no copy, as MONAI: fn must not modify its input in place
-            else:
-                if batch_buf is None:  # one buffer for the run: a fresh 32 MiB block per call
-                    # costs page faults (glibc mmaps blocks that large) as slow as the copy
-                    batch_buf = torch.empty((batch_size, geo.channels, *geo.tile), device=read_device)
-                batch = batch_buf[: len(batch_idx)]  # (B, C, *tile) float32
-                for dst, idx in zip(batch, batch_idx, strict=True):
-                    reader.copy_into(idx, dst)
+        pending = helper.submit(feeder.batch, batches[0])
+        for k, batch_idx in enumerate(batches):
+            batch = pending.result()  # (B, C, *tile) float32
+            x = batch.to(device, non_blocking=True)
+            busy = x is batch and feeder.owns(batch)  # fn reads the buffer the next batch goes to
+            nxt = batches[k + 1] if k + 1 < len(batches) else None
+            if nxt is not None and not busy:
+                pending = helper.submit(feeder.batch, nxt)
             with torch.no_grad():
-                pred = fn(batch.to(device, non_blocking=True))
-            del batch
+                pred = fn(x)
+            del x, batch
             c_out = _check_pred(pred, len(batch_idx), geo, c_out)
             pred = pred.detach().to("cpu", torch.float32)  # (B, C_out, *out_tile)
+            after = busy and feeder.owns(pred)  # fn returned (a view of) its input: add it first
+            if nxt is not None and busy and not after:
+                pending = helper.submit(feeder.batch, nxt)
             if acc is None:
-                acc = _Accumulator(c_out, geo, weights, w_dense, out)
-            for n, (idx, p) in enumerate(zip(batch_idx, pred, strict=True), start=b0):
-                o_sl, l_sl = geo.tile_slices(idx)
-                region = acc.view(o_sl)  # (C_out, *tile part inside the output)
-                if w_dense is None:  # constant weights: all ones
-                    region.add_(p[(slice(None), *l_sl)])
-                else:
-                    region.addcmul_(p[(slice(None), *l_sl)], w_dense[l_sl])
+                acc = _Accumulator(c_out, geo, weights, w_dense, out, helper)
+            for n, (idx, p) in enumerate(zip(batch_idx, pred, strict=True), start=k * batch_size):
+                acc.add(idx, p)
                 if last_of_slab[idx[ax]] == n:  # no later tile reaches before the next start
-                    nxt = idx[ax] + 1
-                    acc.finish(geo.entries[ax][nxt][0] if nxt < len(geo.starts[ax]) else geo.out_shape[ax])
-            del pred
+                    nxt_start = idx[ax] + 1
+                    acc.finish(geo.entries[ax][nxt_start][0] if nxt_start < len(geo.starts[ax]) else geo.out_shape[ax])
+            del pred, p  # (p, a view, would keep this output alive while fn makes the next one)
+            if nxt is not None and after:
+                pending = helper.submit(feeder.batch, nxt)
             bar.update(len(batch_idx))
+        acc.close()
+        ok = True
     finally:
+        helper.close(cancel=not ok)
         bar.close()
     if out is not None:
         return None
@@ -142,6 +167,31 @@ def sliding_window(
     if not geo.has_channels and c_out == 1:
         result = result[0]
     return result if isinstance(volume, torch.Tensor) else result.numpy()
+
+
+def window_to_unit(window: tuple[float, float] = (-1024.0, 1600.0)) -> Callable[[torch.Tensor], torch.Tensor]:
+    """An ``input_map`` taking values in ``window`` (e.g. HU) to ``[-1, 1]``, clipped, in place.
+
+    The map is ``clamp(x, lo, hi) · 2/(hi - lo) - 1 - lo · 2/(hi - lo)``: two in-place passes
+    over the batch, the affine part fused into one ``torch.add`` (``patching.spec.hu_to_unit``
+    computes the same up to float32 rounding, with four full-size temporaries).
+    """
+    try:
+        lo, hi = (float(v) for v in window)
+    except (TypeError, ValueError):
+        raise InputError("window", f"needs two numbers (lo, hi), got {window!r}") from None
+    if not (math.isfinite(lo) and math.isfinite(hi) and hi > lo):
+        raise InputError("window", f"needs finite (lo, hi) with hi > lo, got {window!r}")
+    scale = 2.0 / (hi - lo)
+    offset = torch.tensor(-1.0 - lo * scale, dtype=torch.float32)
+
+    def to_unit(batch: torch.Tensor) -> torch.Tensor:
+        if not batch.is_floating_point():
+            raise InputError("input_map", f"window_to_unit needs a float tensor, got {batch.dtype}")
+        # offset + scale · clamp(x): one fused pass instead of mul_ and add_ (1.3× faster)
+        return torch.add(offset.to(batch.device), batch.clamp_(lo, hi), alpha=scale, out=batch)
+
+    return to_unit
 
 
 class _Geometry:
@@ -256,16 +306,48 @@ def _check_pred(pred, batch: int, geo: _Geometry, c_out) -> int:
     return shape[1]
 
 
+class _Helper:
+    """One helper thread running submitted jobs in order (or each job at once when disabled).
+
+    Its torch ops run on one intra-op thread: they are cache-sized or memory-bound, and on a busy
+    machine a multi-threaded op can wait a scheduler slice at its barrier (see ``_one_thread``).
+    """
+
+    def __init__(self, enabled: bool):
+        self._threads = torch.get_num_threads()
+        self.pool = None
+        if enabled:
+            self.pool = ThreadPoolExecutor(1, "sliding_window", initializer=torch.set_num_threads, initargs=(1,))
+
+    def submit(self, job, *args) -> Future:
+        if self.pool is not None:
+            return self.pool.submit(job, *args)
+        done = Future()
+        done.set_result(job(*args))  # errors raise here, in the caller
+        return done
+
+    def close(self, cancel: bool = False) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=cancel)
+            # set_num_threads(1) in the helper also set the count that threads started later
+            # begin with; give them this thread's count back.
+            torch.set_num_threads(self._threads)
+
+
 class _TileReader:
-    """Reads tile ``idx`` of ``volume`` as ``(C, *tile)`` float32, padded where it overhangs."""
+    """Reads tile ``idx`` of ``volume`` into a float32 ``(C, *tile)`` buffer, padded where it overhangs."""
 
     def __init__(self, volume, geo: _Geometry, pad_value):
         self.volume, self.geo, self.pad_value = volume, geo, pad_value
-        self.tensor = None  # the volume as a float32 tensor when tiles can be plain views
-        if isinstance(volume, torch.Tensor) and volume.dtype == torch.float32:
-            self.tensor = volume
-        elif isinstance(volume, np.ndarray) and volume.dtype == np.float32 and volume.flags.writeable:
-            self.tensor = torch.from_numpy(volume)  # shares memory
+        self.source = volume  # what tiles are sliced from: a tensor where possible
+        if isinstance(volume, np.ndarray) and volume.flags.writeable:
+            with contextlib.suppress(TypeError, ValueError):  # dtypes or byte orders torch lacks
+                self.source = torch.from_numpy(volume)  # shares memory; its casting copy_ is faster
+        # the volume as a float32 tensor when tiles can be plain views
+        is_f32 = isinstance(self.source, torch.Tensor) and self.source.dtype == torch.float32
+        self.tensor = self.source if is_f32 else None
+        lazy = not isinstance(volume, (np.ndarray, torch.Tensor))
+        self.slab = _InputSlab(volume, geo) if lazy else None
 
     def _key(self, idx):
         real, pad = [], []
@@ -287,7 +369,8 @@ class _TileReader:
     def copy_into(self, idx, dst: torch.Tensor) -> None:
         """Copy the tile into ``dst`` in one pass (dtype converted on the way)."""
         key, pad = self._key(idx)
-        block = self.volume[key]  # a view of tensors and numpy arrays; zarr reads only needed chunks
+        # a view of tensors, numpy arrays and the input slab
+        block = self.source[key] if self.slab is None else self.slab.block(key)
         if not self.geo.has_channels:
             block = block[None]
         if any(p != (0, 0) for p in pad):  # an axis shorter than the tile: rare, a temporary is fine
@@ -300,22 +383,129 @@ class _TileReader:
             dst.numpy()[...] = block  # numpy assignment converts the dtype without a temporary
 
 
+class _InputSlab:
+    """Planes ``[lo, hi)`` of a lazily read volume along the slab axis, in the volume's dtype.
+
+    Tiles come slab by slab with non-decreasing starts on the slab axis, so when the window moves
+    on, the planes it keeps are moved to the front and only the new ones are read: every stored
+    plane is read once (for Zarr: each chunk decoded once, where reading tile by tile decodes the
+    overlaps again — ~2.9× the volume at overlap 0.25). RAM: one input tile deep, full size
+    across. Zarr 3 arrays are decoded straight into the slab (``out=``), no temporary.
+    """
+
+    def __init__(self, volume, geo: _Geometry):
+        self.volume = volume
+        self.axis = geo.slab_axis + (1 if geo.has_channels else 0)  # array axis of the slab axis
+        shape = [int(s) for s in volume.shape]
+        shape[self.axis] = min(geo.tile[geo.slab_axis], geo.shape[geo.slab_axis])
+        self.buf = np.empty(shape, dtype=np.dtype(volume.dtype))
+        self.lo = self.hi = 0
+        self._read_into = _zarr_reader(volume)
+
+    def _along(self, a: int, b: int) -> tuple[slice, ...]:
+        return (slice(None),) * self.axis + (slice(a, b),)
+
+    def block(self, key: tuple[slice, ...]) -> np.ndarray:
+        a, b = key[self.axis].start, key[self.axis].stop
+        if not (self.lo <= a and b <= self.hi):
+            self._advance(a, b)
+        local = list(key)
+        local[self.axis] = slice(a - self.lo, b - self.lo)
+        return self.buf[tuple(local)]
+
+    def _advance(self, a: int, b: int) -> None:
+        keep = self.hi - a if self.lo <= a < self.hi else 0
+        shift = a - self.lo
+        for p in range(0, keep if shift else 0, shift or 1):  # kept planes to the front; pieces never overlap
+            q = min(p + shift, keep)
+            self.buf[self._along(p, q)] = self.buf[self._along(p + shift, q + shift)]
+        first = a + keep
+        key = self._along(first, b)
+        dst = self.buf[self._along(keep, b - a)]
+        if self._read_into is not None:
+            self._read_into(key, dst)
+        else:
+            dst[...] = self.volume[key]
+        self.lo, self.hi = a, b
+
+
+def _zarr_reader(volume):
+    """``read(key, dst)`` decoding a Zarr 3 array's selection straight into ``dst``, or None."""
+    get = getattr(volume, "get_basic_selection", None)
+    if get is None or not type(volume).__module__.startswith("zarr."):
+        return None
+    try:
+        from zarr.core.buffer import default_buffer_prototype
+
+        nd_buffer = default_buffer_prototype().nd_buffer
+    except (ImportError, AttributeError):  # zarr 2: plain slicing
+        return None
+
+    def read(key, dst):
+        get(key, out=nd_buffer.from_numpy_array(dst))
+
+    return read
+
+
+class _Feeder:
+    """Turns a batch of tile indices into the float32 batch ``fn`` gets (on the helper thread)."""
+
+    def __init__(self, reader: _TileReader, geo: _Geometry, batch_size: int, device, input_map):
+        self.reader, self.geo, self.batch_size, self.device = reader, geo, batch_size, device
+        self.input_map = input_map
+        self.buf = None
+
+    def batch(self, batch_idx) -> torch.Tensor:
+        if len(batch_idx) == 1 and self.input_map is None:
+            view = self.reader.view(batch_idx[0])
+            if view is not None:
+                return view[None]  # no copy, as MONAI: fn must not modify its input in place
+        if self.buf is None:  # one buffer for the run: a fresh 32 MiB block per call costs page
+            # faults (glibc mmaps blocks that large) as slow as the copy
+            self.buf = torch.empty((self.batch_size, self.geo.channels, *self.geo.tile), device=self.device)
+        batch = self.buf[: len(batch_idx)]
+        for dst, idx in zip(batch, batch_idx, strict=True):
+            self.reader.copy_into(idx, dst)
+        return batch if self.input_map is None else self.input_map(batch)
+
+    def owns(self, t: torch.Tensor) -> bool:
+        """Whether ``t`` lives in the buffer that the next batch will be written to."""
+        return self.buf is not None and t.untyped_storage().data_ptr() == self.buf.untyped_storage().data_ptr()
+
+
 class _Accumulator:
     """Weighted sums for the planes ``[base, base + depth)`` along the slab axis ``ax``.
 
     In memory ``buf`` is the whole result (``base`` stays 0); out of core it is one output tile
-    deep along ``ax`` and slides along it, written to ``out`` as planes are finished.
+    deep along ``ax`` (plus up to one chunk of ``out`` less a plane, see ``hold``) and slides
+    along it, written to ``out`` as planes are finished.
+
+    Finished planes are normalised on the helper thread. In memory that overlaps the
+    accumulation of later tiles (they touch later planes only). Out of core the normalisation is
+    waited for before the next tile is added; the finished planes are then copied out, written
+    by the helper from the copy, and the slab slides at once.
     """
 
-    def __init__(self, channels: int, geo: _Geometry, weights: BlendWeights, dense, out):
-        self.geo, self.out, self.ax = geo, out, geo.slab_axis
+    def __init__(self, channels: int, geo: _Geometry, weights: BlendWeights, dense, out, helper: _Helper):
+        self.geo, self.out, self.ax, self.helper = geo, out, geo.slab_axis, helper
         ax, shape = self.ax, geo.out_shape
-        depth = shape[ax] if out is None else min(geo.out_tile[ax], shape[ax])
+        chunks = getattr(out, "shards", None) or getattr(out, "chunks", None)
+        self.write_step = int(chunks[len(chunks) - len(shape) + ax]) if chunks else 0
+        # Out of core, only whole chunks (shards) of `out` along ax are written, but the last:
+        # writing part of one makes Zarr read, merge and rewrite it, once per flush that meets
+        # it. Finished planes of an incomplete chunk stay in the slab until it is complete,
+        # which makes the slab up to write_step - 1 planes deeper (only when chunks are no
+        # deeper than a tile; otherwise the partial writes are cheaper than the RAM).
+        self.hold = out is not None and 0 < self.write_step <= geo.out_tile[ax]
+        depth = min(geo.out_tile[ax] + (self.write_step - 1 if self.hold else 0), shape[ax])
+        if out is None:
+            depth = shape[ax]
         # torch.zeros faults the pages in with one sequential fill. (A calloc'd buffer, faulted
         # in later by the strided, multi-threaded tile additions, measured 3× the system time.)
         self.buf = torch.zeros((channels, *shape[:ax], depth, *shape[ax + 1 :]), dtype=torch.float32)
         self.base = 0  # index along ax of the first plane in buf
-        self.done = 0  # planes before this are normalised (and written)
+        self.done = 0  # planes before this are final (normalised or being normalised)
+        self.written = 0  # out of core: planes before this are written (or being written)
         self.sums = None
         if weights.separable:  # normaliser = outer product of per-axis sums of the factors
             self.sums = []
@@ -325,43 +515,88 @@ class _Accumulator:
                     acc[o0:o1] += f[l0:l1]
                 self.sums.append(acc)
         self.dense = dense  # (out_tile) float32, the map the numerator was weighted with
-        self._wbuf = torch.empty(0)
-        chunks = getattr(out, "shards", None) or getattr(out, "chunks", None)
-        self.write_step = int(chunks[len(chunks) - len(shape) + ax]) if chunks else 0
+        self._wbuf = torch.empty(0)  # normaliser scratch (helper thread only)
+        self._jobs: list[Future] = []  # in memory: normalisations in flight
+        self._pending = None  # out of core: (normalisation in flight, upto), not yet written
+        self._copy = None  # out of core: finished planes being written
+        self._write_job = None
 
     def _along(self, sl: slice, lead: int = 1) -> tuple[slice, ...]:
         """Index selecting ``sl`` along the slab axis (after ``lead`` leading axes)."""
         return (slice(None),) * (lead + self.ax) + (sl,)
 
-    def view(self, out_slices: tuple[slice, ...]) -> torch.Tensor:
-        ax, s = self.ax, out_slices[self.ax]
+    def add(self, idx, pred: torch.Tensor) -> None:
+        """Add tile ``idx``'s output ``(C_out, *out_tile)``, weighted, into the sums."""
+        o_sl, l_sl = self.geo.tile_slices(idx)
+        self._settle()
+        ax, s = self.ax, o_sl[self.ax]
         assert self.base <= s.start and s.stop <= self.base + self.buf.shape[1 + ax], (s, self.base)
         local = slice(s.start - self.base, s.stop - self.base)
-        return self.buf[(slice(None), *out_slices[:ax], local, *out_slices[ax + 1 :])]
+        region = self.buf[(slice(None), *o_sl[:ax], local, *o_sl[ax + 1 :])]  # (C_out, *tile part inside)
+        part = pred[(slice(None), *l_sl)]
+        with _one_thread():
+            if self.dense is None:  # constant weights: all ones
+                region.add_(part)
+            else:
+                region.addcmul_(part, self.dense[l_sl])
 
     def finish(self, upto: int) -> None:
-        """Normalise (and write out) planes ``[done, upto)``: no later tile touches them."""
+        """Planes ``[done, upto)`` are final: no later tile touches them. Normalise (and write) them."""
+        if upto <= self.done:
+            return
+        job = self.helper.submit(self._normalise, self.done, upto, self.base)
+        self.done = upto
+        if self.out is None:
+            self._jobs.append(job)
+        else:
+            self._pending = (job, upto)
+
+    def close(self) -> None:
+        """Wait for all background work; write the last planes out of core."""
+        self._settle()
+        for job in self._jobs:
+            job.result()
+        if self._write_job is not None:
+            self._write_job.result()
+
+    def _settle(self) -> None:
+        """Out of core: once the pending normalisation is done, write what is whole and slide."""
+        if self._pending is None:
+            return
+        job, upto = self._pending
+        self._pending = None
+        job.result()
+        total, step = self.geo.out_shape[self.ax], self.write_step
+        end = upto if upto == total or not self.hold else upto // step * step
+        if end > self.written:
+            if self._write_job is not None:
+                self._write_job.result()  # the copy buffer is free again
+            if self._copy is None:
+                self._copy = torch.empty_like(self.buf)
+            n = end - self.written
+            data = self._copy[self._along(slice(0, n))]
+            data.copy_(self.buf[self._along(slice(self.written - self.base, end - self.base))])
+            self._write_job = self.helper.submit(self._write, data, self.written, end)
+            self.written = end
+        if self.written < total:
+            self._slide(self.written)
+
+    def _normalise(self, p0: int, p1: int, base: int) -> None:
+        """Divide planes ``[p0, p1)`` (``buf`` starting at plane ``base``) by their normaliser."""
         shape, ax = self.geo.out_shape, self.ax
-        for p0, p1 in _pieces(self.done, upto, self.write_step):
-            # Boxes of about _CHUNK_ELEMS voxels cut along axis 0, so that they stay cache-sized
-            # and their innermost runs long whatever the slab axis is.
-            box = [(0, n) for n in shape]
-            box[ax] = (p0, p1)
-            row = math.prod(hi - lo for lo, hi in box[1:])
-            step = max(1, _CHUNK_ELEMS // max(row, 1))
-            lo0, hi0 = box[0]
+        # Boxes of about _CHUNK_ELEMS voxels cut along axis 0, so that they stay cache-sized and
+        # their innermost runs long whatever the slab axis is.
+        box = [(0, n) for n in shape]
+        box[ax] = (p0, p1)
+        row = math.prod(hi - lo for lo, hi in box[1:])
+        step = max(1, _CHUNK_ELEMS // max(row, 1))
+        lo0, hi0 = box[0]
+        with _one_thread():
             for c0 in range(lo0, hi0, step):
                 box[0] = (c0, min(c0 + step, hi0))
                 local = [slice(lo, hi) for lo, hi in box]
-                local[ax] = slice(local[ax].start - self.base, local[ax].stop - self.base)
-                with _one_thread():
-                    # (C, *box) / (*box): broadcast over channels
-                    self.buf[(slice(None), *local)].div_(self._normaliser(box))
-            if self.out is not None:
-                self._write(p0, p1)
-        self.done = upto
-        if self.out is not None:
-            self._slide(upto)
+                local[ax] = slice(local[ax].start - base, local[ax].stop - base)
+                self.buf[(slice(None), *local)].div_(self._normaliser(box))  # broadcast over channels
 
     def _normaliser(self, box: Sequence[tuple[int, int]]) -> torch.Tensor:
         """Σ of the weights of every tile over the output box ``[(lo, hi) per axis]``."""
@@ -387,8 +622,7 @@ class _Accumulator:
             w[tuple(c[0] for c in combo)].add_(self.dense[tuple(c[1] for c in combo)])  # in place on a view
         return w
 
-    def _write(self, x0: int, x1: int) -> None:
-        data = self.buf[self._along(slice(x0 - self.base, x1 - self.base))]
+    def _write(self, data: torch.Tensor, x0: int, x1: int) -> None:
         if self.geo.out_shape == tuple(self.out.shape):  # out has no channel axis (C_out == 1)
             key, data = self._along(slice(x0, x1), lead=0), data[0]
         else:
@@ -396,7 +630,7 @@ class _Accumulator:
         self.out[key] = data if isinstance(self.out, torch.Tensor) else data.numpy()
 
     def _slide(self, new_base: int) -> None:
-        """Move the unfinished planes to the front of ``buf`` without a full-size temporary."""
+        """Move the planes from ``new_base`` on to the front of ``buf`` without a full-size temporary."""
         shift, depth = new_base - self.base, self.buf.shape[1 + self.ax]
         if shift <= 0:
             return
@@ -410,27 +644,18 @@ class _Accumulator:
 
 @contextlib.contextmanager
 def _one_thread():
-    """Run many small (cache-sized) ops on one thread: on a busy machine each multi-threaded op
-    can wait a scheduler slice at its barrier, which made the normaliser 10-50× slower."""
+    """Run many small (cache-sized) or memory-bound ops on one thread: on a busy machine each
+    multi-threaded op can wait a scheduler slice at its barrier, which made the normaliser 10-50×
+    slower and the per-tile passes 2-5× slower in measurements."""
     n = torch.get_num_threads()
+    if n == 1:
+        yield
+        return
     torch.set_num_threads(1)
     try:
         yield
     finally:
         torch.set_num_threads(n)
-
-
-def _pieces(x0: int, x1: int, step: int):
-    """Split ``[x0, x1)`` at multiples of ``step`` (chunk boundaries of ``out``); whole if 0."""
-    if step <= 0:
-        if x1 > x0:
-            yield x0, x1
-        return
-    a = x0
-    while a < x1:
-        b = min((a // step + 1) * step, x1)
-        yield a, b
-        a = b
 
 
 def _progress(total: int, enabled: bool):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -12,7 +14,7 @@ from hypothesis import strategies as st
 
 from patching.blend import blend_weights, tile_weights
 from patching.errors import InputError
-from patching.stitch import sliding_window
+from patching.stitch import sliding_window, window_to_unit
 
 SHAPE = (20, 23, 17)
 TILE = (8, 8, 8)
@@ -288,6 +290,215 @@ def test_pointwise_property(shape, tile, overlap, mode, scale):
     np.testing.assert_allclose(out, ref.numpy(), rtol=1e-5, atol=1e-5)
 
 
+# ----------------------------------------------------------------------------- dtypes, input_map, helper thread
+
+
+def _hu(shape=SHAPE, channels=1, seed=0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(-1500, 3000, size=(channels, *shape)).astype(np.int16)
+
+
+class _LazyVolume:
+    """A lazily read array (neither numpy nor torch) that logs every read."""
+
+    def __init__(self, data: np.ndarray):
+        self.data, self.shape, self.dtype, self.reads = data, data.shape, data.dtype, []
+
+    def __getitem__(self, key):
+        self.reads.append(key)
+        return self.data[key]
+
+
+@pytest.mark.parametrize("kind", ["numpy", "torch", "zarr", "lazy"])
+@pytest.mark.parametrize("mode", MODES)
+def test_int16_volume_equals_float_volume(kind, mode, tmp_path):
+    hu = _hu(channels=2)
+    conv = _conv(2, 2)
+    seen = []
+
+    def fn(x):
+        seen.append(x.dtype)
+        return conv(x)
+
+    ref = sliding_window(hu.astype(np.float32), conv, TILE, overlap=0.3, mode=mode, batch_size=2)
+    vol = {
+        "numpy": lambda: hu,
+        "torch": lambda: torch.from_numpy(hu),
+        "zarr": lambda: zarr.create_array(store=str(tmp_path / "hu.zarr"), data=hu, chunks=(1, 7, 12, 9)),
+        "lazy": lambda: _LazyVolume(hu),
+    }[kind]()
+    res = sliding_window(vol, fn, TILE, overlap=0.3, mode=mode, batch_size=2)
+    assert set(seen) == {torch.float32}  # fn gets the tiles cast to float32
+    assert res.dtype in (np.float32, torch.float32)
+    np.testing.assert_array_equal(np.asarray(res), ref)  # the cast is exact: same tiles, same sums
+    out = _zarr(tmp_path, hu.shape, name=f"{kind}-{mode}.zarr")
+    sliding_window(vol, conv, TILE, overlap=0.3, mode=mode, batch_size=3, out=out)
+    np.testing.assert_allclose(out[...], ref, rtol=1e-5, atol=1e-3)  # values up to ~3000
+
+
+def test_hu_window_input_map_equals_converting_the_whole_volume():
+    from patching.spec import hu_to_unit
+
+    hu = _hu((20, 23, 17))[0]  # (X, Y, Z) int16, values beyond the window on both sides
+    window = (-1024.0, 1600.0)
+    unit = hu_to_unit(torch.from_numpy(hu), window)
+    res = sliding_window(hu, lambda x: x * 2, TILE, input_map=window_to_unit(window))
+    np.testing.assert_allclose(res, 2 * unit.numpy(), rtol=0, atol=2e-6)
+    torch.testing.assert_close(window_to_unit(window)(torch.from_numpy(hu).float()), unit, rtol=0, atol=1e-6)
+    for bad in [(5, 5), (1, float("nan")), "ab", 3]:
+        with pytest.raises(InputError, match="window"):
+            window_to_unit(bad)
+    with pytest.raises(InputError, match="input_map"):
+        window_to_unit(window)(torch.from_numpy(hu))  # not cast to float
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_input_map_gets_a_copy_it_may_change_in_place(batch_size):
+    vol = torch.from_numpy(_vol(channels=2))  # float32: without input_map, batches of one are views
+    before = vol.clone()
+    shapes = []
+
+    def double_in_place(batch):
+        shapes.append(tuple(batch.shape))
+        assert batch.dtype == torch.float32
+        assert batch.untyped_storage().data_ptr() != vol.untyped_storage().data_ptr()
+        return batch.mul_(2)
+
+    res = sliding_window(vol, lambda x: x + 1, TILE, input_map=double_in_place, batch_size=batch_size)
+    torch.testing.assert_close(vol, before)  # the volume is untouched
+    torch.testing.assert_close(res, 2 * vol + 1, rtol=1e-5, atol=1e-5)
+    assert all(s[0] <= batch_size and s[1:] == (2, *TILE) for s in shapes)
+    # a map that returns a new tensor (here: fewer channels) works as well
+    first = sliding_window(vol, lambda x: x * 3, TILE, input_map=lambda b: b[:, :1].clone())
+    torch.testing.assert_close(first, 3 * vol[:1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_fn_may_return_its_input_buffer(batch_size, tmp_path):
+    # The next batch is prepared into the same buffer on the helper thread: when fn returns (a
+    # view of) its input, that must wait until the output has been added.
+    hu = _hu(channels=2)
+    ref = hu.astype(np.float32)
+    for fn in (lambda x: x, lambda x: x[:, :1]):
+        res = sliding_window(hu, fn, TILE, overlap=0.3, batch_size=batch_size)
+        np.testing.assert_allclose(res, ref[: res.shape[0]], rtol=1e-5, atol=1e-3)
+    src = zarr.create_array(store=str(tmp_path / "hu.zarr"), data=hu, chunks=(1, 7, 12, 9))
+    out = _zarr(tmp_path, hu.shape)
+    sliding_window(src, lambda x: x, TILE, overlap=0.3, batch_size=batch_size, out=out)
+    np.testing.assert_allclose(out[...], ref, rtol=1e-5, atol=1e-3)
+
+
+@pytest.mark.parametrize("where", ["memory", "zarr", "in-place"])
+def test_prefetch_off_gives_identical_results(where, tmp_path):
+    hu = _hu((26, 23, 17), channels=2)
+    conv = _conv(2, 2)
+    results = []
+    for prefetch in (True, False):
+        kw = dict(overlap=0.3, mode="gaussian", batch_size=2, input_map=window_to_unit(), prefetch=prefetch)
+        if where == "memory":
+            results.append(sliding_window(hu, conv, TILE, **kw))
+        elif where == "zarr":
+            src = zarr.create_array(store=str(tmp_path / f"in{prefetch}.zarr"), data=hu, chunks=(1, 5, 12, 9))
+            out = _zarr(tmp_path, hu.shape, chunks=(2, 4, 23, 17), name=f"out{prefetch}.zarr")
+            sliding_window(src, conv, TILE, out=out, **kw)
+            results.append(out[...])
+        else:
+            src = zarr.create_array(store=str(tmp_path / f"io{prefetch}.zarr"), data=hu.astype(np.float32),
+                                    chunks=(2, 4, 10, 17))
+            sliding_window(src, conv, TILE, out=src, **kw)
+            results.append(src[...])
+    np.testing.assert_array_equal(results[0], results[1])
+    np.testing.assert_allclose(results[0], sliding_window(hu, conv, TILE, **{**kw, "prefetch": True}),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_helper_thread_leaves_thread_counts_alone_and_stops_on_errors():
+    vol = _vol()
+    threads = torch.get_num_threads()
+    sliding_window(vol, _conv(), TILE, input_map=lambda b: b)
+    assert torch.get_num_threads() == threads
+    got = []  # threads started later begin with the caller's count, not the helper's 1
+    t = threading.Thread(target=lambda: got.append(torch.get_num_threads()))
+    t.start()
+    t.join()
+    assert got == [threads]
+
+    calls = []
+
+    def fails_on_third(x):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("model failed")
+        return x
+
+    with pytest.raises(RuntimeError, match="model failed"):
+        sliding_window(vol, fails_on_third, TILE)
+
+    def bad_map(batch):
+        raise ValueError("bad map")
+
+    with pytest.raises(ValueError, match="bad map"):
+        sliding_window(vol, lambda x: x, TILE, input_map=bad_map)
+    with pytest.raises(ValueError, match="bad map"):
+        sliding_window(vol, lambda x: x, TILE, input_map=bad_map, prefetch=False)
+    assert not [t for t in threading.enumerate() if t.name.startswith("sliding_window")]
+
+
+class _ChunkedOut(_RecordingOut):
+    def __init__(self, shape, log, chunks):
+        super().__init__(shape, log)
+        self.chunks = chunks
+
+
+@pytest.mark.parametrize("chunk", [3, 5, 6, 8])
+def test_out_of_core_writes_whole_chunks(chunk):
+    # x-starts 0, 6, 12, 18, 24, 30, 32 (tile 8, overlap 0.25): planes are final at 6, 12, …,
+    # which are not chunk boundaries; only whole chunks along the slab axis are written (the
+    # last one may be short), each plane once, and the slab is at most a tile + chunk - 1 deep.
+    log = []
+    vol = _vol((40, 10, 10))
+    out = _ChunkedOut((1, 40, 10, 10), log, chunks=(1, chunk, 10, 10))
+    sliding_window(vol, lambda x: x, (8, 8, 8), overlap=0.25, out=out)
+    writes = [(k[1].start, k[1].stop) for _, k in log]
+    assert writes[0][0] == 0 and writes[-1][1] == 40
+    assert all(p[1] == q[0] for p, q in zip(writes, writes[1:], strict=False))
+    assert all(a % chunk == 0 and (b % chunk == 0 or b == 40) for a, b in writes)
+    np.testing.assert_allclose(out.data, vol, rtol=1e-5, atol=1e-6)
+    big = _ChunkedOut((1, 40, 10, 10), [], chunks=(1, 9, 10, 10))  # deeper than a tile: written as finished
+    sliding_window(vol, lambda x: x, (8, 8, 8), overlap=0.25, out=big)
+    assert [(k[1].start, k[1].stop) for _, k in big.log][:2] == [(0, 6), (6, 12)]
+    np.testing.assert_allclose(big.data, vol, rtol=1e-5, atol=1e-6)
+
+
+def test_zarr_shards_are_written_whole(tmp_path):
+    vol = _vol((24, 23, 17), channels=2)
+    ref = sliding_window(vol, _conv(2, 2), TILE)
+    out = zarr.create_array(store=str(tmp_path / "sharded.zarr"), shape=vol.shape, chunks=(2, 2, 23, 17),
+                            shards=(2, 4, 23, 17), dtype="float32", fill_value=0)
+    sliding_window(vol, _conv(2, 2), TILE, out=out)
+    np.testing.assert_allclose(out[...], ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("out_of_core", [False, True])
+@pytest.mark.parametrize("shape", [(30, 10, 10), (5, 20, 3)])
+def test_lazy_volumes_are_read_once_per_plane(out_of_core, shape):
+    vol = _vol(shape)[0]
+    lazy = _LazyVolume(vol)
+    ref = sliding_window(vol, _conv(), (8, 8, 8), overlap=0.25)
+    if out_of_core:
+        out = np.zeros(shape, np.float32)
+        sliding_window(lazy, _conv(), (8, 8, 8), overlap=0.25, out=out)
+        res = out
+    else:
+        res = sliding_window(lazy, _conv(), (8, 8, 8), overlap=0.25)
+    np.testing.assert_allclose(res, ref, rtol=1e-5, atol=1e-6)
+    keys = [tuple(k) + (slice(None),) * (3 - len(k)) for k in lazy.reads]  # whole planes along one axis
+    (axis,) = [d for d in range(3) if any(k[d] != slice(None) for k in keys)] or [0]
+    assert all(k[d] == slice(None) for k in keys for d in range(3) if d != axis)
+    ranges = [k[axis].indices(shape[axis])[:2] for k in keys]
+    assert ranges[0][0] == 0 and ranges[-1][1] == shape[axis]
+    assert all(p[1] == q[0] for p, q in zip(ranges, ranges[1:], strict=False))  # each plane read once
+
+
 # ----------------------------------------------------------------------------- bad input
 
 
@@ -305,6 +516,7 @@ def test_invalid_arguments(tmp_path):
         (dict(scale=0), "scale"),
         (dict(mode="median"), "mode"),
         (dict(batch_size=0), "batch_size"),
+        (dict(input_map=3), "input_map"),
         (dict(out=_zarr(tmp_path, (1, 20, 23, 16))), "out"),
         (dict(out=_zarr(tmp_path, (2, 20, 23, 17), name="c.zarr"), out_channels=1), "out"),
         (dict(out=_zarr(tmp_path, (1, 40, 46, 34), name="s.zarr")), "out"),  # scale 1, not 2
