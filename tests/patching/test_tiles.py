@@ -186,3 +186,17 @@ def test_bad_arguments(store):
     with pytest.raises(InputError):
         ds.load_state_dict({"epoch": 0, "position": 0, "num_cases": 99})
     assert epoch_items([(4, 4, 4)], TILE, 0.25, mode="grid", seed=0, epoch=0, shuffle=False)[0].start == (0, 0, 0)
+
+
+def test_float_tiles_equal_the_int16_path_and_clamp_outside_the_window(tmp_path):
+    s = Store(tmp_path / "s.zarr", create=True)
+    hu = np.random.default_rng(1).integers(-3000, 3000, size=(10, 9, 11)).astype(np.int16)
+    s.write_case("a", hu, (1, 1, 1), np.eye(4), split="train", chunks=(4, 4, 4))
+    ds = TileDataset(s, split="train", tile=(8, 8, 8), mode="grid", hu_window=(-1000.0, 1000.0))
+    from patching.tiles import hu_tile_to_unit
+
+    for start in [(0, 0, 0), (2, 1, 3)]:
+        got = ds.read_tile_unit(0, start)
+        want = hu_tile_to_unit(ds.read_tile(0, start), (-1000.0, 1000.0))
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+        assert got.min() == -1 and got.max() == 1
