@@ -1,0 +1,273 @@
+"""The latent cache: encode every case of a store with a trained VQ-GAN (``xray2ct encode``).
+
+    summary = encode_store("data.zarr", "runs/vq")            # a run dir, checkpoint or export
+    # cases/<id>/latent (D, X/f, Y/f, Z/f) float32 + store attrs latent_scale_factor, latent_vqgan
+
+Weights are read from a training checkpoint (``D/checkpoints/step-N``, ``D/checkpoints`` or the
+run directory ``D``: its newest checkpoint) or an ``xray2ct export`` directory, with safetensors
+and JSON only (nothing is unpickled). The layouts are those of ``launch/checkpoint.py`` and
+``launch/export.py``; this module reads them itself because stage packages never import
+``launch`` (as ``gan_baselines/sampling.py`` does), and because it needs the weights' identity.
+The EMA weights are used when the run kept them (a checkpoint's ``ema/vqgan.safetensors``; an
+export's ``vqgan.safetensors`` already holds them); the HU window is the one the model was
+trained with (the task's extra state).
+
+Every latent carries a reference to the weights that made it: ``weights_sha256`` (of the
+tensors — names, dtypes, shapes, bytes — so a checkpoint and its export agree), step, source
+path, and the codec settings (tile, overlap, HU window). A re-run skips cases whose latent has
+the same identity (resumable after an interruption) and re-encodes stale ones.
+
+The latent scale factor is ``1 / std`` of all training-split latents made by these weights
+(Rombach et al.'s latent diffusion: unit-variance latents for the diffusion model), computed in
+float64 and refused when it is not finite or the std is zero — a NaN scale factor would silently
+poison every stage-2 run (MAISI users met exactly that).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from tqdm.auto import tqdm
+
+from patching.errors import InputError
+from patching.store import Store
+
+from .codec import encode_volume
+from .config import CodecConfig, VQGANConfig
+from .model import VQGAN, load_vqgan_weights
+
+CHECKPOINT_FORMAT = "xray2ct-checkpoint"  # launch/checkpoint.py
+EXPORT_FORMAT = "xray2ct-weights"  # launch/export.py
+TASK_NAME = "vqgan"
+DEFAULT_HU_WINDOW = (-1024.0, 1600.0)  # both presets' window (patching.spec.VolumeSpec)
+_STEP_RE = re.compile(r"^step-(\d+)$")
+# The identity of a latent: these keys of the reference must match for a cached latent to be kept.
+IDENTITY_KEYS = ("weights_sha256", "tile", "overlap", "hu_window")
+
+
+# --- reading weights --------------------------------------------------------------------------------
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise InputError(path, "missing file") from None
+    except (OSError, ValueError) as err:
+        raise InputError(path, f"not valid JSON ({err})") from None
+
+
+def _newest_checkpoint(root: Path) -> Path | None:
+    """What ``root/latest`` names, else the highest ``step-N`` with a ``meta.json``."""
+    pointer = root / "latest"
+    if pointer.is_file():
+        name = pointer.read_text().strip()
+        if _STEP_RE.match(name) and (root / name / "meta.json").is_file():
+            return root / name
+    steps = [(int(m.group(1)), p) for p in root.iterdir()
+             if p.is_dir() and (m := _STEP_RE.match(p.name)) and (p / "meta.json").is_file()]
+    return max(steps)[1] if steps else None
+
+
+def _resolve(path: str | Path) -> tuple[str, Path]:
+    """``("export", dir)`` or ``("checkpoint", dir)``."""
+    p = Path(path)
+    if not p.exists():
+        raise InputError(p, "no such file or directory")
+    if not p.is_dir():
+        raise InputError(p, "is a file; give a checkpoint directory, a run directory or an export directory")
+    if (p / "meta.json").is_file():
+        return "checkpoint", p
+    if (p / "config.json").is_file() and _read_json(p / "config.json").get("format") == EXPORT_FORMAT:
+        return "export", p
+    for root in (p, p / "checkpoints"):
+        if root.is_dir() and (found := _newest_checkpoint(root)) is not None:
+            return "checkpoint", found
+    raise InputError(p, "not a checkpoint (no meta.json), an export (no config.json) or a directory holding checkpoints")
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise InputError(path, "missing weights file")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as err:  # a truncated or foreign file
+        raise InputError(path, f"not a readable safetensors file ({type(err).__name__}: {err})") from None
+
+
+def weights_sha256(state: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of a state dict's content: names, dtypes, shapes and bytes, in name order."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+@dataclass
+class LoadedVQGAN:
+    """A VQ-GAN ready to encode (``eval()``) with its codec settings and its reference."""
+
+    model: VQGAN
+    codec: CodecConfig
+    hu_window: tuple[float, float]
+    reference: dict  # JSON: task, preset, step, weights ("ema"/"raw"), source, file, weights_sha256, ...
+
+
+def load_vqgan(path: str | Path, device: str | torch.device | None = None) -> LoadedVQGAN:
+    """Load the VQ-GAN of a checkpoint or export (EMA weights when present).
+
+    Raises :class:`InputError` for a path that is neither, for a checkpoint of another task
+    ("checkpoint of another model"), and for weights that do not fit their saved config.
+    """
+    kind, where = _resolve(path)
+    if kind == "export":
+        doc = _read_json(where / "config.json")
+        task, run_cfg = doc.get("task"), doc.get("config") or {}
+        entry = (doc.get("models") or {}).get("vqgan")
+        if task == TASK_NAME and entry is None:
+            raise InputError(where / "config.json", "lists no vqgan weights")
+        file = where / entry["file"] if entry else None
+        weights = str(entry.get("weights", "raw")) if entry else "raw"
+        extra_path = where / "extra.json" if doc.get("extra") else None
+    else:
+        doc = _read_json(where / "meta.json")
+        if doc.get("format") != CHECKPOINT_FORMAT:
+            raise InputError(where / "meta.json", f"not an xray2ct checkpoint (format {doc.get('format')!r})")
+        task, run_cfg = doc.get("task"), (_read_json(where / "config.json").get("config") or {})
+        ema = where / "ema" / "vqgan.safetensors"
+        file, weights = (ema, "ema") if ema.is_file() else (where / "models" / "vqgan.safetensors", "raw")
+        extra_path = where / "extra.json"
+    if task != TASK_NAME:
+        raise InputError(where, f"checkpoint of another model (task {task!r}); `xray2ct encode` needs a "
+                                f"{TASK_NAME} checkpoint or export")
+    try:
+        model_cfg = VQGANConfig(**(run_cfg.get("model") or {}))
+        codec = CodecConfig(**(run_cfg.get("codec") or {}))
+    except TypeError as err:
+        raise InputError(where, f"saved config does not fit this VQ-GAN: {err}") from None
+    hu_window = DEFAULT_HU_WINDOW
+    if extra_path is not None and extra_path.is_file():
+        saved = (_read_json(extra_path).get("state") or {}).get("hu_window")
+        if saved is not None:
+            hu_window = (float(saved[0]), float(saved[1]))
+    state = _load_tensors(file)
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:  # NaN encoder outputs would be hidden by the quantizer (argmin picks code 0)
+        raise InputError(file, f"has non-finite values in {len(bad)} tensors (e.g. {bad[0]!r}); "
+                               "use an earlier checkpoint")
+    model = VQGAN(model_cfg)
+    load_vqgan_weights(model, state, str(file))
+    if not bool(model.quantizer.initialized):
+        raise InputError(file, "the codebook was never initialised (a checkpoint of step 0?)")
+    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device).eval()
+    reference = {
+        "task": TASK_NAME, "preset": doc.get("preset"), "step": int(doc.get("step", 0)), "weights": weights,
+        "source": str(where.resolve()), "file": str(Path(file).resolve()), "weights_sha256": weights_sha256(state),
+        "tile": list(codec.tile), "overlap": float(codec.overlap), "hu_window": list(hu_window),
+        "downsample": model_cfg.downsample, "latent_dim": model_cfg.latent_dim,
+    }
+    return LoadedVQGAN(model, codec, hu_window, reference)
+
+
+# --- the cache ----------------------------------------------------------------------------------------
+
+
+def same_identity(a: dict | None, b: dict | None) -> bool:
+    """Whether two references name the same weights and codec settings."""
+    if not isinstance(a, dict) or not isinstance(b, dict):
+        return False
+    return all(json.dumps(a.get(k)) == json.dumps(b.get(k)) for k in IDENTITY_KEYS)
+
+
+def _latent_reference(case) -> dict | None:
+    if not case.has_latent:
+        return None
+    return dict(case.latent.attrs).get("vqgan")
+
+
+def encode_store(store_path: str | Path, vqgan_path: str | Path, *, split: str | None = None,
+                 device: str | torch.device | None = None, progress: bool = True) -> dict:
+    """Encode every complete case of a store (or of one split) into ``cases/<id>/latent``.
+
+    Args:
+        store_path: the store.
+        vqgan_path: a vqgan checkpoint directory, run directory or export directory.
+        split: ``train``, ``val``, ``test`` or ``None`` (all cases).
+        device: where the VQ-GAN runs (default: CUDA when available, else CPU).
+        progress: tqdm bar over cases.
+
+    Returns:
+        A JSON-ready summary: ``encoded`` and ``skipped`` case ids, ``latent_scale_factor``
+        (``None`` when no training-split latent of these weights exists), ``latent_std``,
+        ``latent_mean``, ``num_scale_cases`` and the ``vqgan`` reference.
+
+    Raises:
+        InputError: bad store or weights (see :func:`load_vqgan`), a case the codec cannot
+            take (e.g. sizes not multiples of the downsampling factor), a non-finite latent,
+            or a scale factor that would not be finite.
+    """
+    store = Store(store_path)
+    ids = store.case_ids(split)
+    if not ids:
+        raise InputError(store.path, f"no complete cases{'' if split is None else f' in split {split!r}'}")
+    vq = load_vqgan(vqgan_path, device)
+    ref, f = vq.reference, vq.model.cfg.downsample
+    encoded, skipped = [], []
+    for cid in tqdm(ids, desc="encode", unit="case", disable=not progress):
+        case = store.case(cid)
+        if same_identity(_latent_reference(case), ref):
+            skipped.append(cid)
+            continue
+        try:
+            latent = encode_volume(vq.model, case.ct, vq.codec.tile, vq.codec.overlap, hu_window=vq.hu_window,
+                                   batch_size=vq.codec.batch_size)  # (D, X/f, Y/f, Z/f) float32
+        except InputError as err:
+            raise InputError(case.path, f"cannot be encoded: {err}") from None
+        if not torch.isfinite(latent).all():
+            raise InputError(vq.reference["file"], f"produced a non-finite latent for case {cid!r} (broken weights?)")
+        store.write_latent(cid, latent.numpy(), attrs={"vqgan": ref, "downsample": f, "volume_shape": list(case.shape)},
+                           chunks=(latent.shape[0], 64, 64, 64))
+        encoded.append(cid)
+    summary = {"store": str(store.path), "encoded": encoded, "skipped": skipped, "vqgan": ref}
+    summary.update(_scale_factor(store, ref))
+    return summary
+
+
+def _scale_factor(store: Store, ref: dict) -> dict:
+    """``1 / std`` over the training-split latents of these weights, stored in the store attrs."""
+    count, mean, m2, cases = 0, 0.0, 0.0, 0
+    for cid in store.case_ids("train"):
+        case = store.case(cid)
+        if not same_identity(_latent_reference(case), ref):
+            continue  # missing or made by other weights: not this latent space
+        lat = np.asarray(case.latent[...], dtype=np.float64)
+        # Chan et al.'s pairwise merge of (count, mean, M2): no E[x²] − E[x]² cancellation.
+        n_b, mean_b = lat.size, float(lat.mean())
+        m2_b = float(np.square(lat - mean_b).sum())
+        delta, n = mean_b - mean, count + n_b
+        mean += delta * n_b / n
+        m2 += m2_b + delta * delta * count * n_b / n
+        count, cases = n, cases + 1
+    if not cases:
+        return {"latent_scale_factor": None, "latent_std": None, "latent_mean": None, "num_scale_cases": 0}
+    std = math.sqrt(m2 / count) if math.isfinite(m2) and m2 >= 0 else float("nan")
+    if not math.isfinite(std) or std <= 1e-12 or not math.isfinite(1.0 / std):
+        raise InputError(store.path, f"the training latents have std {std!r} over {cases} cases: the latent scale "
+                                     "factor would not be finite (collapsed codebook or broken weights?)")
+    scale = 1.0 / std
+    store.update_store_attrs(latent_scale_factor=scale, latent_vqgan=ref, latent_std=std, latent_mean=mean,
+                             latent_scale_cases=cases)
+    return {"latent_scale_factor": scale, "latent_std": std, "latent_mean": mean, "num_scale_cases": cases}

@@ -1,0 +1,335 @@
+"""The 3D VQ-GAN on the shared training engine (``xray2ct train vqgan``).
+
+The task protocol is in docs/training.md; this module never imports ``launch``. One step::
+
+    out = models["vqgan"](x, ctx.generator)                   # recon, indices, quantizer stats
+    if disc_active(step):                                     # delayed start (disc.start_step)
+        ctx.backward(hinge_d(D(x), D(x̂.detach())), "disc")   # real + fake in one D forward
+    with ctx.frozen("disc"):                                  # D gets no weight gradient here
+        g_adv = -D(x̂)                                         # through the just-updated D
+    ctx.backward(L1 + commit + λ_adaptive·g_adv, "vqgan")     # λ at ctx.unwrap("vqgan").last_layer
+
+Distributed care: both updates call ``models[name](...)`` (DDP arms its gradient sync in
+``forward``); the discriminator's second forward runs inside ``ctx.frozen`` (no reducer armed);
+the quantizer all-reduces its codebook statistics inside the VQ-GAN's forward, which therefore
+runs on every rank every micro-batch; no BatchNorm anywhere.
+
+Resume: the codebook (``embed``, ``cluster_size``, ``embed_avg``) and its ``initialized`` flag
+are buffers of the VQ-GAN, saved with its weights (and with its EMA weights), so a resumed run
+never re-initialises the codebook. The quantizer draws its restart candidates from
+``ctx.generator`` (checkpointed by the engine). The task's own extra state is the data spec the
+model was trained with (HU window, voxel spacing): ``xray2ct encode`` reads it from the
+checkpoint or export to map HU exactly as in training.
+
+Validation (every ``train.val_every`` steps, EMA weights): ``data.num_val_tiles`` grid tiles of
+the ``data.val_split`` split spread evenly over its cases; PSNR on [-1, 1] (data range 2.0), PSNR
+in HU (data range = the HU window width), MAE in HU, 3D SSIM, codebook usage and perplexity over
+those tiles, and a tri-planar preview (input above reconstruction) of the first tile.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from patching.errors import InputError
+from patching.preview import triplanar_image
+from patching.spec import VolumeSpec, unit_to_hu
+from patching.store import SPLITS, Store
+from patching.tiles import TileDataset, hu_tile_to_unit
+
+from .config import Stage1Config, _finite, _need, _triple
+from .config import preset as stage1_preset
+from .discriminator import PatchDiscriminator3d
+from .losses import build_perceptual, disc_active, discriminator_loss, generator_loss
+from .model import VQGAN
+
+# --- configuration ----------------------------------------------------------------------------------
+
+
+@dataclass
+class VQGANDataConfig:
+    """Training and validation tiles (``data.*``).
+
+    Args:
+        tile: training tile ``(x, y, z)``; ``None`` trains on the codec tile (``codec.tile``),
+            which is what encoding uses.
+        overlap: overlap of the tile grid that training jitters around and validation samples.
+        cache_mb: decoded-chunk cache per DataLoader worker (:class:`patching.tiles.TileDataset`).
+        val_split: split that validation reads (skipped with a note when it has no cases).
+        num_val_tiles: grid tiles per validation, spread evenly over the split (0: all of them).
+    """
+
+    tile: tuple[int, int, int] | None = None
+    overlap: float = 0.25
+    cache_mb: int = 256
+    val_split: str = "val"
+    num_val_tiles: int = 16
+
+    def __post_init__(self) -> None:
+        if self.tile is not None:
+            self.tile = tuple(self.tile)
+            _need(_triple(self.tile), "data.tile", "needs three positive integers (or none)", self.tile)
+        _need(_finite(self.overlap) and 0 <= self.overlap < 1, "data.overlap", "must be in [0, 1)", self.overlap)
+        _need(isinstance(self.cache_mb, int) and self.cache_mb >= 0, "data.cache_mb", "must be an integer >= 0",
+              self.cache_mb)
+        _need(self.val_split in SPLITS, "data.val_split", f"must be one of {SPLITS}", self.val_split)
+        _need(isinstance(self.num_val_tiles, int) and self.num_val_tiles >= 0, "data.num_val_tiles",
+              "must be an integer >= 0", self.num_val_tiles)
+
+
+@dataclass
+class VQGANTaskConfig(Stage1Config):
+    """The stage-1 sections (``model``, ``disc``, ``loss``, ``codec``) plus ``data``."""
+
+    data: VQGANDataConfig = field(default_factory=VQGANDataConfig)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        tile, f = self.train_tile, self.model.downsample
+        if any(t % f for t in tile):
+            raise InputError("data.tile", f"sizes {tile} must be multiples of the downsampling factor {f}")
+        if min(tile) < self.disc.min_tile:
+            raise InputError("data.tile", f"sides {tile} are smaller than the discriminator's minimum "
+                                          f"{self.disc.min_tile} for disc.num_layers={self.disc.num_layers}")
+
+    @property
+    def train_tile(self) -> tuple[int, int, int]:
+        return self.data.tile if self.data.tile is not None else self.codec.tile
+
+
+def task_config(preset: str) -> VQGANTaskConfig:
+    base = stage1_preset(preset)
+    return VQGANTaskConfig(model=base.model, disc=base.disc, loss=base.loss, codec=base.codec)
+
+
+# --- metrics ----------------------------------------------------------------------------------------
+# patching/metrics.py does not exist yet; these two are small enough to live here until it does.
+
+
+def psnr(pred: Tensor, target: Tensor, data_range: float) -> Tensor:
+    """``10·log10(data_range² / MSE)`` in float64 (0-d)."""
+    mse = torch.mean((pred.double() - target.double()) ** 2)
+    return 10.0 * torch.log10(torch.as_tensor(float(data_range) ** 2, dtype=torch.float64) / mse.clamp_min(1e-20))
+
+
+def _gaussian_1d(size: int, sigma: float, device, dtype) -> Tensor:
+    x = torch.arange(size, device=device, dtype=dtype) - (size - 1) / 2
+    g = torch.exp(-(x**2) / (2 * sigma**2))
+    return g / g.sum()
+
+
+def ssim3d(x: Tensor, y: Tensor, data_range: float, window: int = 11, sigma: float = 1.5) -> Tensor:
+    """Mean 3D SSIM per sample of ``(B, C, X, Y, Z)`` volumes (Wang et al. 2004 in 3D).
+
+    A separable Gaussian window (11 voxels, σ = 1.5, shrunk to the smallest side when a volume
+    is smaller), 'valid' filtering (no padding), ``C1 = (0.01·L)²``, ``C2 = (0.03·L)²`` with
+    ``L = data_range`` — the scikit-image / MONAI ``gaussian_weights=True`` setting in 3D.
+    Returns ``(B,)`` float32 (channels averaged).
+    """
+    assert x.shape == y.shape and x.ndim == 5, (x.shape, y.shape)
+    size = min(window, *x.shape[2:])
+    size -= 1 - size % 2  # odd
+    b, c = x.shape[:2]
+    x = x.float().reshape(b * c, 1, *x.shape[2:])  # channels as batch: one filter for all
+    y = y.float().reshape(b * c, 1, *y.shape[2:])
+    g = _gaussian_1d(size, sigma, x.device, x.dtype)
+
+    def filt(t: Tensor) -> Tensor:  # separable valid filter along x, y, z
+        t = F.conv3d(t, g.view(1, 1, size, 1, 1))
+        t = F.conv3d(t, g.view(1, 1, 1, size, 1))
+        return F.conv3d(t, g.view(1, 1, 1, 1, size))
+
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    mx, my = filt(x), filt(y)
+    sxx, syy, sxy = filt(x * x) - mx * mx, filt(y * y) - my * my, filt(x * y) - mx * my
+    s = ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx * mx + my * my + c1) * (sxx + syy + c2))
+    return s.reshape(b, c, -1).mean(dim=(1, 2))
+
+
+# --- the task ----------------------------------------------------------------------------------------
+
+
+def _collate(samples: list[dict]) -> dict[str, Tensor]:
+    """Only what training needs: the X-rays and case ids stay on the host."""
+    return {"image": torch.stack([s["image"] for s in samples]),  # (B, 1, x, y, z) in [-1, 1]
+            "start": torch.stack([s["start"] for s in samples])}
+
+
+class VQGANTask:
+    """Patch-wise 3D VQ-GAN (``stage1_vqgan``): presets ``cpu-demo`` and ``ctpa-512``
+    (:mod:`stage1_vqgan.config`)."""
+
+    name = "vqgan"
+    ema_models = ("vqgan",)
+
+    def __init__(self) -> None:
+        self.cfg: Any = None
+        self.store: str | None = None
+        self.spec: VolumeSpec | None = None
+        self.perceptual: nn.Module | None = None
+        self._val: tuple[TileDataset, list] | None = None
+
+    # --- configuration ---------------------------------------------------------------------------
+
+    def default_config(self, preset: str) -> VQGANTaskConfig:
+        return task_config(preset)
+
+    def train_defaults(self, preset: str) -> dict[str, Any]:
+        if preset == "cpu-demo":
+            # lr 5e-4: the model developer's overfit runs (2e-3 stalled at ~24 dB). Batch 2: torch
+            # runs batch-1 3D convs this small on a slow native kernel. A short EMA for runs of a
+            # few hundred steps: the engine's EMA has no warm-up, so at step 100 a 0.99 EMA still
+            # holds 37 % of the initial weights (0.98: 13 %; 0.999: 90 %).
+            return {"lr": 5e-4, "batch_size": 2, "num_workers": 1, "ema_decay": 0.98, "val_every": 200,
+                    "clip_grad": 0.0}
+        # Medical Diffusion's vq_gan_3d.yaml (lr 3e-4); one 256×256×128 tile per GPU (the
+        # preset's grad_accum of 4 makes 4 tiles per step per GPU); the engine's clip at 1.0
+        # stays as a guard for the long adversarial phase.
+        return {"lr": 3e-4, "batch_size": 1, "ema_decay": 0.999, "val_every": 2000}
+
+    # --- models and optimisers ---------------------------------------------------------------------
+
+    def build_models(self, cfg) -> dict[str, nn.Module]:
+        self.cfg = cfg
+        self.perceptual = build_perceptual(cfg.loss)  # frozen, not a model: never saved or exported
+        return {"vqgan": VQGAN(cfg.model, seed=cfg.train.seed),
+                "disc": PatchDiscriminator3d(cfg.disc, in_channels=cfg.model.in_channels)}
+
+    def build_optimizers(self, cfg, models) -> dict[str, torch.optim.Optimizer]:
+        betas = (0.5, 0.9)  # taming-transformers' VQGAN, both networks
+        return {"vqgan": torch.optim.Adam(models["vqgan"].parameters(), lr=cfg.train.lr, betas=betas),
+                "disc": torch.optim.Adam(models["disc"].parameters(), lr=cfg.train.lr, betas=betas)}
+
+    # --- data -----------------------------------------------------------------------------------
+
+    def build_dataset(self, cfg, store, preset, split, rank, world_size, seed) -> TileDataset:
+        self.cfg, self.store, self.spec = cfg, str(store), preset
+        d = cfg.data
+        return TileDataset(store, split=split, tile=cfg.train_tile, hu_window=preset.hu_window, overlap=d.overlap,
+                           mode="jitter", seed=seed, rank=rank, world_size=world_size,
+                           batch_size=cfg.train.batch_size, num_workers=cfg.train.num_workers, cache_mb=d.cache_mb)
+
+    def collate_fn(self, samples: list[dict]) -> dict[str, Tensor]:
+        return _collate(samples)
+
+    # --- one step --------------------------------------------------------------------------------
+
+    def train_step(self, batch, models, step, ctx) -> dict[str, Tensor]:
+        cfg = self.cfg
+        x = batch["image"]  # (B, 1, x, y, z) in [-1, 1]
+        out = models["vqgan"](x, ctx.generator)
+        zero = x.new_zeros((), dtype=torch.float32)
+        d_logs = {"loss_d": zero, "logits_real": zero, "logits_fake": zero}
+        if disc_active(step, cfg.disc):  # host-side decision, the same on every rank
+            d_loss, d_logs = discriminator_loss(models["disc"], x, out.recon, step=step, disc_cfg=cfg.disc)
+            ctx.backward(d_loss, "disc")  # D steps here (end of the accumulation window)
+
+        def frozen_disc(img: Tensor) -> Tensor:
+            with ctx.frozen("disc"):
+                return models["disc"](img)
+
+        if self.perceptual is not None:
+            self.perceptual.to(x.device)
+        with ctx.autocast():  # the perceptual network is not an engine model: autocast it here
+            g_loss, g_logs = generator_loss(
+                x, out.recon, out.stats, frozen_disc, step=step, loss_cfg=cfg.loss, disc_cfg=cfg.disc,
+                last_layer=ctx.unwrap("vqgan").last_layer, perceptual=self.perceptual, generator=ctx.generator)
+        ctx.backward(g_loss, "vqgan")
+        stats = {k: out.stats[k].detach() for k in ("perplexity", "usage", "ema_usage", "restarted")}
+        return {**g_logs, **d_logs, **{f"codebook_{k}": v for k, v in stats.items()}}
+
+    # --- state ---------------------------------------------------------------------------------------
+
+    def extra_state(self) -> dict:
+        """The data spec the model was trained with (the codebook lives in the model's buffers)."""
+        spec = self.spec
+        if spec is None:
+            return {}
+        return {"hu_window": [float(v) for v in spec.hu_window], "spacing_mm": [float(v) for v in spec.spacing_mm]}
+
+    def load_extra_state(self, state: dict) -> None:
+        saved = state.get("hu_window")
+        if saved is not None and self.spec is not None and tuple(float(v) for v in saved) != self.spec.hu_window:
+            raise InputError("--preset", f"the checkpoint was trained with HU window {tuple(saved)}, this preset "
+                                         f"maps HU with {self.spec.hu_window}")
+
+    # --- validation ------------------------------------------------------------------------------
+
+    def _val_tiles(self) -> tuple[TileDataset, list] | None:
+        if self._val is None:
+            d = self.cfg.data
+            if not Store(self.store).case_ids(d.val_split):
+                print(f"[xray2ct] vqgan: no {d.val_split!r} cases in {self.store}; validation skipped",
+                      file=sys.stderr, flush=True)
+                self._val = (None, [])
+            else:
+                ds = TileDataset(self.store, split=d.val_split, tile=self.cfg.train_tile, hu_window=self.spec.hu_window,
+                                 overlap=d.overlap, mode="grid", shuffle=False, cache_mb=d.cache_mb)
+                items = ds.epoch_items()
+                n = len(items) if d.num_val_tiles == 0 else min(d.num_val_tiles, len(items))
+                pick = np.unique(np.linspace(0, len(items) - 1, n).round().astype(int))  # spread over the cases
+                self._val = (ds, [items[i] for i in pick])
+        return self._val if self._val[1] else None
+
+    def validate(self, models, step, ctx) -> dict[str, Tensor]:
+        """Reconstruction metrics of the EMA VQ-GAN on validation grid tiles.
+
+        Every rank evaluates the same tiles (no collective; identical numbers on every rank and
+        the same number of forwards, which FSDP's all-gathers need).
+        """
+        val = self._val_tiles() if self.store is not None else None
+        if val is None:
+            return {}
+        ds, items = val
+        model, window = models["vqgan"], self.spec.hu_window
+        width = window[1] - window[0]
+        se_unit = se_hu = ae_hu = ssim_sum = torch.zeros((), dtype=torch.float64)
+        voxels = 0
+        counts = torch.zeros(model.cfg.codebook_size, dtype=torch.float64)
+        preview = None
+        bs = max(1, self.cfg.codec.batch_size)  # batches: torch's batch-1 CPU 3D convs are slow
+        with ctx.ema_weights():
+            for b0 in range(0, len(items), bs):
+                chunk = items[b0:b0 + bs]
+                tiles = [hu_tile_to_unit(ds.read_tile(it.case_index, it.start), window) for it in chunk]
+                x = torch.stack(tiles)[:, None].to(ctx.device)  # (b, 1, x, y, z)
+                with ctx.autocast():
+                    out = model(x)  # eval mode: the codebook is not updated
+                rec = out.recon.float().clamp(-1, 1)
+                hu_x, hu_rec = unit_to_hu(x, window), unit_to_hu(rec, window)
+                se_unit = se_unit + ((rec - x).double() ** 2).sum().cpu()
+                se_hu = se_hu + ((hu_rec - hu_x).double() ** 2).sum().cpu()
+                ae_hu = ae_hu + (hu_rec - hu_x).double().abs().sum().cpu()
+                ssim_sum = ssim_sum + ssim3d(rec, x, 2.0).double().sum().cpu()
+                voxels += x.numel()
+                counts += torch.bincount(out.indices.flatten().cpu(), minlength=counts.numel()).double()
+                if b0 == 0:
+                    it = chunk[0]
+                    preview = self._preview(hu_x[0, 0].cpu().numpy(), hu_rec[0, 0].cpu().numpy(),
+                                            f"{ds.case_ids[it.case_index]} {tuple(it.start)}")
+        probs = counts / counts.sum().clamp_min(1.0)
+        return {
+            "psnr": (10 * torch.log10(4.0 / (se_unit / voxels).clamp_min(1e-20))).float(),
+            "psnr_hu_window": (10 * torch.log10(width**2 / (se_hu / voxels).clamp_min(1e-20))).float(),
+            "mae_hu": (ae_hu / voxels).float(),
+            "ssim": (ssim_sum / len(items)).float(),
+            "codebook_usage": (counts > 0).float().mean(),
+            "codebook_perplexity": torch.exp(-(probs * torch.log(probs + 1e-12)).sum()).float(),
+            "preview": preview,
+        }
+
+    def _preview(self, hu_in: np.ndarray, hu_rec: np.ndarray, title: str) -> Tensor:
+        """Input tile above its reconstruction, as an H×W image in [0, 1]."""
+        rows = [np.asarray(triplanar_image(vol, self.spec.spacing_mm, height=128, title=t), dtype=np.float32)
+                for vol, t in ((hu_in, f"input {title}"), (hu_rec, "VQ-GAN reconstruction (EMA)"))]
+        width = max(r.shape[1] for r in rows)
+        rows = [np.pad(r, ((0, 0), (0, width - r.shape[1]))) for r in rows]
+        return torch.from_numpy(np.concatenate(rows, axis=0) / 255.0)
+
