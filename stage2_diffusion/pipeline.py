@@ -38,10 +38,12 @@ from patching.errors import InputError
 from patching.preview import save_triplanar_png
 from patching.spec import centred_affine
 from patching.volume_io import write_nifti, write_zarr
+from patching.weights import load_tensors as _load_tensors
+from patching.weights import read_json as _read_json
 from patching.weights import resolve_weights
 from patching.xray_io import read_xray, resize_xray
 from stage1_vqgan.codec import decode_latent
-from stage1_vqgan.encode import _load_tensors, _read_json, load_vqgan
+from stage1_vqgan.encode import load_vqgan
 
 from .config import DiffusionConfig, SamplerConfig, Stage2Config, UNetConfig, XrayEncoderConfig
 from .sampler import sample_latents
