@@ -45,7 +45,7 @@ from .errors import InputError
 
 STORE_FORMAT_VERSION = 1
 SPLITS = ("train", "val", "test")
-# Tile-friendly chunking for int16 CT, chosen by benchmarks/bench_chunks.py (see docs/patching.md):
+# Tile-friendly chunking for int16 CT, chosen with benchmarks/bench_chunks.py (see docs/data.md):
 # (64, 64, 32) aligns with the 256×256×128 tile grid at overlap 0.25 (strides 192, 192, 96), so a
 # grid tile reads exactly the voxels it needs; 256 KiB per chunk before compression.
 DEFAULT_CT_CHUNKS = (64, 64, 32)
