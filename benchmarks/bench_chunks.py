@@ -10,7 +10,6 @@ Run: ``.venv/bin/python benchmarks/bench_chunks.py`` (a few minutes).
 
 from __future__ import annotations
 
-import os
 import shutil
 import sys
 import tempfile

@@ -139,7 +139,7 @@ class DecodedChunkCache:
                 ck = (key, *idx)
                 if ck in self._data:
                     continue
-                sl = tuple(slice(i * c - l, min((i + 1) * c, n) - l) for i, c, l, n in zip(idx, chunks, lo, shape))
+                sl = tuple(slice(i * c - c0, min((i + 1) * c, n) - c0) for i, c, c0, n in zip(idx, chunks, lo, shape))
                 block = box[sl].copy()  # own memory: the box is freed after this loop
                 self._data[ck] = block
                 self.bytes += block.nbytes
@@ -148,8 +148,8 @@ class DecodedChunkCache:
             block = self._data[ck]
             self._data.move_to_end(ck)
             lo = [i * c for i, c in zip(idx, chunks)]
-            src = tuple(slice(max(a, l) - l, min(b, l + n) - l) for a, b, l, n in zip(start, stop, lo, block.shape))
-            dst = tuple(slice(max(a, l) - a, min(b, l + n) - a) for a, b, l, n in zip(start, stop, lo, block.shape))
+            src = tuple(slice(max(a, c0) - c0, min(b, c0 + n) - c0) for a, b, c0, n in zip(start, stop, lo, block.shape))
+            dst = tuple(slice(max(a, c0) - a, min(b, c0 + n) - a) for a, b, c0, n in zip(start, stop, lo, block.shape))
             out[dst] = block[src]
         while self.bytes > self.max_bytes and len(self._data) > 1:  # evict least recently used
             self.bytes -= self._data.popitem(last=False)[1].nbytes
