@@ -3,14 +3,12 @@
     summary = encode_store("data.zarr", "runs/vq")            # a run dir, checkpoint or export
     # cases/<id>/latent (D, X/f, Y/f, Z/f) float32 + store attrs latent_scale_factor, latent_vqgan
 
-Weights are read from a training checkpoint (``D/checkpoints/step-N``, ``D/checkpoints`` or the
-run directory ``D``: its newest checkpoint) or an ``xray2ct export`` directory, with safetensors
-and JSON only (nothing is unpickled). The layouts are those of ``launch/checkpoint.py`` and
-``launch/export.py``; this module reads them itself because stage packages never import
-``launch`` (as ``gan_baselines/sampling.py`` does), and because it needs the weights' identity.
-The EMA weights are used when the run kept them (a checkpoint's ``ema/vqgan.safetensors``; an
-export's ``vqgan.safetensors`` already holds them); the HU window is the one the model was
-trained with (the task's extra state).
+Weights are read from a training checkpoint (``D/checkpoints/step-N``, the ``latest`` pointer,
+``D/checkpoints`` or the run directory ``D``: its newest checkpoint) or an ``xray2ct export``
+directory, through :mod:`patching.weights` (safetensors and JSON only, nothing is unpickled;
+stage packages never import ``launch``). The EMA weights are used when the run kept them (a
+checkpoint's ``ema/vqgan.safetensors``; an export's ``vqgan.safetensors`` already holds them);
+the HU window is the one the model was trained with (the task's extra state).
 
 Every latent carries a reference to the weights that made it: ``weights_sha256`` (of the
 tensors — names, dtypes, shapes, bytes — so a checkpoint and its export agree), step, source
@@ -28,81 +26,28 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
-from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from patching.errors import InputError
 from patching.store import Store
+from patching.weights import CHECKPOINT_FORMAT, load_tensors, read_json, resolve_weights
 
 from .codec import encode_volume
 from .config import CodecConfig, VQGANConfig
 from .model import VQGAN, load_vqgan_weights
 
-CHECKPOINT_FORMAT = "xray2ct-checkpoint"  # launch/checkpoint.py
-EXPORT_FORMAT = "xray2ct-weights"  # launch/export.py
 TASK_NAME = "vqgan"
 DEFAULT_HU_WINDOW = (-1024.0, 1600.0)  # both presets' window (patching.spec.VolumeSpec)
-_STEP_RE = re.compile(r"^step-(\d+)$")
 # The identity of a latent: these keys of the reference must match for a cached latent to be kept.
 IDENTITY_KEYS = ("weights_sha256", "tile", "overlap", "hu_window")
 
 
 # --- reading weights --------------------------------------------------------------------------------
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise InputError(path, "missing file") from None
-    except (OSError, ValueError) as err:
-        raise InputError(path, f"not valid JSON ({err})") from None
-
-
-def _newest_checkpoint(root: Path) -> Path | None:
-    """What ``root/latest`` names, else the highest ``step-N`` with a ``meta.json``."""
-    pointer = root / "latest"
-    if pointer.is_file():
-        name = pointer.read_text().strip()
-        if _STEP_RE.match(name) and (root / name / "meta.json").is_file():
-            return root / name
-    steps = [(int(m.group(1)), p) for p in root.iterdir()
-             if p.is_dir() and (m := _STEP_RE.match(p.name)) and (p / "meta.json").is_file()]
-    return max(steps)[1] if steps else None
-
-
-def _resolve(path: str | Path) -> tuple[str, Path]:
-    """``("export", dir)`` or ``("checkpoint", dir)``."""
-    p = Path(path)
-    if not p.exists():
-        raise InputError(p, "no such file or directory")
-    if not p.is_dir():
-        raise InputError(p, "is a file; give a checkpoint directory, a run directory or an export directory")
-    if (p / "meta.json").is_file():
-        return "checkpoint", p
-    if (p / "config.json").is_file() and _read_json(p / "config.json").get("format") == EXPORT_FORMAT:
-        return "export", p
-    for root in (p, p / "checkpoints"):
-        if root.is_dir() and (found := _newest_checkpoint(root)) is not None:
-            return "checkpoint", found
-    raise InputError(p, "not a checkpoint (no meta.json), an export (no config.json) or a directory holding checkpoints")
-
-
-def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise InputError(path, "missing weights file")
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as err:  # a truncated or foreign file
-        raise InputError(path, f"not a readable safetensors file ({type(err).__name__}: {err})") from None
 
 
 def weights_sha256(state: dict[str, torch.Tensor]) -> str:
@@ -131,9 +76,9 @@ def load_vqgan(path: str | Path, device: str | torch.device | None = None) -> Lo
     Raises :class:`InputError` for a path that is neither, for a checkpoint of another task
     ("checkpoint of another model"), and for weights that do not fit their saved config.
     """
-    kind, where = _resolve(path)
+    kind, where = resolve_weights(path)
     if kind == "export":
-        doc = _read_json(where / "config.json")
+        doc = read_json(where / "config.json")
         task, run_cfg = doc.get("task"), doc.get("config") or {}
         entry = (doc.get("models") or {}).get("vqgan")
         if task == TASK_NAME and entry is None:
@@ -142,10 +87,10 @@ def load_vqgan(path: str | Path, device: str | torch.device | None = None) -> Lo
         weights = str(entry.get("weights", "raw")) if entry else "raw"
         extra_path = where / "extra.json" if doc.get("extra") else None
     else:
-        doc = _read_json(where / "meta.json")
+        doc = read_json(where / "meta.json")
         if doc.get("format") != CHECKPOINT_FORMAT:
             raise InputError(where / "meta.json", f"not an xray2ct checkpoint (format {doc.get('format')!r})")
-        task, run_cfg = doc.get("task"), (_read_json(where / "config.json").get("config") or {})
+        task, run_cfg = doc.get("task"), (read_json(where / "config.json").get("config") or {})
         ema = where / "ema" / "vqgan.safetensors"
         file, weights = (ema, "ema") if ema.is_file() else (where / "models" / "vqgan.safetensors", "raw")
         extra_path = where / "extra.json"
@@ -159,10 +104,10 @@ def load_vqgan(path: str | Path, device: str | torch.device | None = None) -> Lo
         raise InputError(where, f"saved config does not fit this VQ-GAN: {err}") from None
     hu_window = DEFAULT_HU_WINDOW
     if extra_path is not None and extra_path.is_file():
-        saved = (_read_json(extra_path).get("state") or {}).get("hu_window")
+        saved = (read_json(extra_path).get("state") or {}).get("hu_window")
         if saved is not None:
             hu_window = (float(saved[0]), float(saved[1]))
-    state = _load_tensors(file)
+    state = load_tensors(file)
     bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:  # NaN encoder outputs would be hidden by the quantizer (argmin picks code 0)
         raise InputError(file, f"has non-finite values in {len(bad)} tensors (e.g. {bad[0]!r}); "

@@ -23,8 +23,9 @@ checkpoint or export to map HU exactly as in training.
 
 Validation (every ``train.val_every`` steps, EMA weights): ``data.num_val_tiles`` grid tiles of
 the ``data.val_split`` split spread evenly over its cases; PSNR on [-1, 1] (data range 2.0), PSNR
-in HU (data range = the HU window width), MAE in HU, 3D SSIM, codebook usage and perplexity over
-those tiles, and a tri-planar preview (input above reconstruction) of the first tile.
+in HU (data range = the HU window width), MAE in HU, 3D SSIM (:func:`patching.metrics.ssim3d`),
+codebook usage and perplexity over those tiles, and a tri-planar preview (input above
+reconstruction) of the first tile.
 """
 
 from __future__ import annotations
@@ -35,10 +36,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from patching.errors import InputError
+from patching.metrics import ssim3d
 from patching.preview import triplanar_image
 from patching.spec import VolumeSpec, unit_to_hu
 from patching.store import SPLITS, Store
@@ -107,50 +108,6 @@ class VQGANTaskConfig(Stage1Config):
 def task_config(preset: str) -> VQGANTaskConfig:
     base = stage1_preset(preset)
     return VQGANTaskConfig(model=base.model, disc=base.disc, loss=base.loss, codec=base.codec)
-
-
-# --- metrics ----------------------------------------------------------------------------------------
-# patching/metrics.py does not exist yet; these two are small enough to live here until it does.
-
-
-def psnr(pred: Tensor, target: Tensor, data_range: float) -> Tensor:
-    """``10·log10(data_range² / MSE)`` in float64 (0-d)."""
-    mse = torch.mean((pred.double() - target.double()) ** 2)
-    return 10.0 * torch.log10(torch.as_tensor(float(data_range) ** 2, dtype=torch.float64) / mse.clamp_min(1e-20))
-
-
-def _gaussian_1d(size: int, sigma: float, device, dtype) -> Tensor:
-    x = torch.arange(size, device=device, dtype=dtype) - (size - 1) / 2
-    g = torch.exp(-(x**2) / (2 * sigma**2))
-    return g / g.sum()
-
-
-def ssim3d(x: Tensor, y: Tensor, data_range: float, window: int = 11, sigma: float = 1.5) -> Tensor:
-    """Mean 3D SSIM per sample of ``(B, C, X, Y, Z)`` volumes (Wang et al. 2004 in 3D).
-
-    A separable Gaussian window (11 voxels, σ = 1.5, shrunk to the smallest side when a volume
-    is smaller), 'valid' filtering (no padding), ``C1 = (0.01·L)²``, ``C2 = (0.03·L)²`` with
-    ``L = data_range`` — the scikit-image / MONAI ``gaussian_weights=True`` setting in 3D.
-    Returns ``(B,)`` float32 (channels averaged).
-    """
-    assert x.shape == y.shape and x.ndim == 5, (x.shape, y.shape)
-    size = min(window, *x.shape[2:])
-    size -= 1 - size % 2  # odd
-    b, c = x.shape[:2]
-    x = x.float().reshape(b * c, 1, *x.shape[2:])  # channels as batch: one filter for all
-    y = y.float().reshape(b * c, 1, *y.shape[2:])
-    g = _gaussian_1d(size, sigma, x.device, x.dtype)
-
-    def filt(t: Tensor) -> Tensor:  # separable valid filter along x, y, z
-        t = F.conv3d(t, g.view(1, 1, size, 1, 1))
-        t = F.conv3d(t, g.view(1, 1, 1, size, 1))
-        return F.conv3d(t, g.view(1, 1, 1, 1, size))
-
-    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
-    mx, my = filt(x), filt(y)
-    sxx, syy, sxy = filt(x * x) - mx * mx, filt(y * y) - my * my, filt(x * y) - mx * my
-    s = ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx * mx + my * my + c1) * (sxx + syy + c2))
-    return s.reshape(b, c, -1).mean(dim=(1, 2))
 
 
 # --- the task ----------------------------------------------------------------------------------------
@@ -294,6 +251,7 @@ class VQGANTask:
         voxels = 0
         counts = torch.zeros(model.cfg.codebook_size, dtype=torch.float64)
         preview = None
+        with_ssim = min(ds.tile) >= 11  # its Gaussian window (σ 1.5) spans 11 voxels
         bs = max(1, self.cfg.codec.batch_size)  # batches: torch's batch-1 CPU 3D convs are slow
         with ctx.ema_weights():
             for b0 in range(0, len(items), bs):
@@ -307,7 +265,8 @@ class VQGANTask:
                 se_unit = se_unit + ((rec - x).double() ** 2).sum().cpu()
                 se_hu = se_hu + ((hu_rec - hu_x).double() ** 2).sum().cpu()
                 ae_hu = ae_hu + (hu_rec - hu_x).double().abs().sum().cpu()
-                ssim_sum = ssim_sum + ssim3d(rec, x, 2.0).double().sum().cpu()
+                for j in range(x.shape[0] if with_ssim else 0):  # scikit-image's 3D SSIM, float64, CPU
+                    ssim_sum = ssim_sum + ssim3d(hu_rec[j, 0], hu_x[j, 0], width, window=window)
                 voxels += x.numel()
                 counts += torch.bincount(out.indices.flatten().cpu(), minlength=counts.numel()).double()
                 if b0 == 0:
@@ -315,7 +274,7 @@ class VQGANTask:
                     preview = self._preview(hu_x[0, 0].cpu().numpy(), hu_rec[0, 0].cpu().numpy(),
                                             f"{ds.case_ids[it.case_index]} {tuple(it.start)}")
         probs = counts / counts.sum().clamp_min(1.0)
-        return {
+        out = {
             "psnr": (10 * torch.log10(4.0 / (se_unit / voxels).clamp_min(1e-20))).float(),
             "psnr_hu_window": (10 * torch.log10(width**2 / (se_hu / voxels).clamp_min(1e-20))).float(),
             "mae_hu": (ae_hu / voxels).float(),
@@ -324,6 +283,9 @@ class VQGANTask:
             "codebook_perplexity": torch.exp(-(probs * torch.log(probs + 1e-12)).sum()).float(),
             "preview": preview,
         }
+        if not with_ssim:
+            del out["ssim"]
+        return out
 
     def _preview(self, hu_in: np.ndarray, hu_rec: np.ndarray, title: str) -> Tensor:
         """Input tile above its reconstruction, as an H×W image in [0, 1]."""
