@@ -81,7 +81,7 @@ def test_presets_resolve_to_run_configs():
     task = VQGANTask()
     demo = build_run_config(task, "cpu-demo", [])
     assert demo.train_tile == (32, 32, 32) and demo.model.downsample == 4 and demo.train.lr == 5e-4
-    assert demo.train.batch_size == 2 and demo.disc.start_step == 100
+    assert demo.train.batch_size == 2 and demo.disc.start_step == 1500
     big = build_run_config(task, "ctpa-512", [])
     assert big.train_tile == (256, 256, 128) and big.model.base_channels == 64 and big.model.gradient_checkpointing
     assert big.codec.tile_latent == (64, 64, 32) and big.train.grad_accum == 4 and big.disc.start_step == 50_000
