@@ -30,12 +30,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset
 
 from patching.errors import InputError
 from patching.spec import hu_to_unit
 from patching.store import Case, Store
-from patching.tiles import shard_positions, worker_positions
+from patching.tiles import CaseStreamPosition
 from patching.xray_io import resize_xray
 
 ORDER_SALT = 7  # separates the case permutation from other (seed, epoch) streams
@@ -102,7 +102,7 @@ def psnr(pred: Tensor, target: Tensor, data_range: float) -> Tensor:
     return 10.0 * torch.log10(torch.as_tensor(float(data_range) ** 2, dtype=torch.float64) / mse.clamp_min(1e-20))
 
 
-class VolumeDataset(IterableDataset):
+class VolumeDataset(CaseStreamPosition, IterableDataset):
     """Whole cases of one split as single samples (see the module docstring).
 
     Args:
@@ -152,33 +152,6 @@ class VolumeDataset(IterableDataset):
         self.shuffle, self.even = bool(shuffle), bool(even_shards)
         self.epoch, self.position = 0, 0
         self._store: Store | None = None  # opened lazily in each process (fork-safe)
-
-    # ---- position ----------------------------------------------------------------------------
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch, self.position = int(epoch), 0
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position, "num_cases": len(self.case_ids)}
-
-    def load_state_dict(self, state: dict) -> None:
-        saved = int(state.get("num_cases", len(self.case_ids)))
-        if saved != len(self.case_ids):
-            raise InputError("dataset state", f"was saved for {saved} cases, the split now has {len(self.case_ids)}")
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
-
-    def rank_positions(self) -> range:
-        """Global stream positions this rank takes in the rest of the epoch."""
-        return shard_positions(len(self.case_ids), self.position, self.rank, self.world_size, even=self.even)
-
-    def __len__(self) -> int:
-        return len(self.rank_positions())
-
-    def my_positions(self) -> list[int]:
-        info = get_worker_info()
-        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        if info is not None and num_workers != max(1, self.num_workers):
-            raise InputError("DataLoader", f"num_workers={num_workers} but the dataset was built for {self.num_workers}")
-        return worker_positions(self.rank_positions(), self.batch_size, worker, num_workers)
 
     # ---- reading -----------------------------------------------------------------------------
     def sample(self, case_index: int) -> dict:

@@ -329,3 +329,38 @@ class TileDataset(IterableDataset):
                 "views_present": present,
                 "position": p,
             }
+
+
+class CaseStreamPosition:
+    """Position bookkeeping for datasets with one item per case (whole volumes or latents).
+
+    The engine's data-position contract (see the module docstring), shared by the GAN baselines'
+    and stage 2's datasets. Subclasses set ``case_ids``, ``epoch``, ``position``, ``rank``,
+    ``world_size``, ``even``, ``batch_size`` and ``num_workers``.
+    """
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch, self.position = int(epoch), 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position, "num_cases": len(self.case_ids)}
+
+    def load_state_dict(self, state: dict) -> None:
+        saved = int(state.get("num_cases", len(self.case_ids)))
+        if saved != len(self.case_ids):
+            raise InputError("dataset state", f"was saved for {saved} cases, the split now has {len(self.case_ids)}")
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+    def rank_positions(self) -> range:
+        """Global stream positions this rank takes in the rest of the epoch."""
+        return shard_positions(len(self.case_ids), self.position, self.rank, self.world_size, even=self.even)
+
+    def __len__(self) -> int:
+        return len(self.rank_positions())
+
+    def my_positions(self) -> list[int]:
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        if info is not None and num_workers != max(1, self.num_workers):
+            raise InputError("DataLoader", f"num_workers={num_workers} but the dataset was built for {self.num_workers}")
+        return worker_positions(self.rank_positions(), self.batch_size, worker, num_workers)

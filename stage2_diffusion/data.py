@@ -21,11 +21,11 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset
 
 from patching.errors import InputError
 from patching.store import Store
-from patching.tiles import shard_positions, worker_positions
+from patching.tiles import CaseStreamPosition
 from patching.xray_io import resize_xray
 from stage1_vqgan.encode import same_identity
 
@@ -59,7 +59,7 @@ def crop_start(shape: Sequence[int], crop: Sequence[int], seed: int, epoch: int,
     return tuple(int(rng.integers(0, int(n) - int(c) + 1)) for n, c in zip(shape, crop, strict=True))
 
 
-class LatentDataset(IterableDataset):
+class LatentDataset(CaseStreamPosition, IterableDataset):
     """Scaled latents + X-rays of one split (see the module docstring).
 
     Args:
@@ -112,32 +112,6 @@ class LatentDataset(IterableDataset):
         self.shuffle, self.even = bool(shuffle), bool(even_shards)
         self.epoch, self.position = 0, 0
         self._store: Store | None = None
-
-    # ---- position ----------------------------------------------------------------------------
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch, self.position = int(epoch), 0
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position, "num_cases": len(self.case_ids)}
-
-    def load_state_dict(self, state: dict) -> None:
-        saved = int(state.get("num_cases", len(self.case_ids)))
-        if saved != len(self.case_ids):
-            raise InputError("dataset state", f"was saved for {saved} cases, the split now has {len(self.case_ids)}")
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
-
-    def rank_positions(self) -> range:
-        return shard_positions(len(self.case_ids), self.position, self.rank, self.world_size, even=self.even)
-
-    def __len__(self) -> int:
-        return len(self.rank_positions())
-
-    def my_positions(self) -> list[int]:
-        info = get_worker_info()
-        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        if info is not None and num_workers != max(1, self.num_workers):
-            raise InputError("DataLoader", f"num_workers={num_workers} but the dataset was built for {self.num_workers}")
-        return worker_positions(self.rank_positions(), self.batch_size, worker, num_workers)
 
     # ---- reading -----------------------------------------------------------------------------
     def xrays(self, case) -> tuple[torch.Tensor, torch.Tensor]:
