@@ -54,6 +54,9 @@ class TrainConfig:
         val_every: steps between calls of the task's ``validate``; 0 never.
         mixed_precision: ``auto`` (bf16 on CUDA, none on CPU), ``no`` or ``bf16``.
         split: dataset split trained on.
+        max_minutes: wall-clock budget of this invocation in minutes; 0 = none. When it is
+            spent the run stops after the current step with a checkpoint, exactly as on
+            SIGTERM (``--resume latest`` continues it). Time-boxed CPU demos use it.
     """
 
     lr: float = 1e-4
@@ -71,6 +74,7 @@ class TrainConfig:
     val_every: int = 0
     mixed_precision: str = "auto"
     split: str = "train"
+    max_minutes: float = 0.0
 
     def __post_init__(self) -> None:
         def need(ok: bool, key: str, what: str) -> None:
@@ -92,6 +96,7 @@ class TrainConfig:
         need(self.val_every >= 0, "val_every", "must be >= 0")
         need(self.mixed_precision in MIXED_PRECISION, "mixed_precision", f"must be one of {', '.join(MIXED_PRECISION)}")
         need(bool(self.split), "split", "must not be empty")
+        need(math.isfinite(self.max_minutes) and self.max_minutes >= 0, "max_minutes", "must be >= 0 (0: no budget)")
 
 
 # --- the run config: a task config plus the engine's `train` section --------------------------

@@ -498,6 +498,7 @@ class Trainer:
         bar = tqdm(total=tc.max_steps, initial=self.state.step, disable=not self.is_main, dynamic_ncols=True,
                    desc=self._task_name())
         self._t_log, self._step_log = time.perf_counter(), self.state.step
+        deadline = time.monotonic() + 60.0 * tc.max_minutes if tc.max_minutes else None
         try:
             while self.state.step < tc.max_steps:
                 self._skipped = False
@@ -524,6 +525,8 @@ class Trainer:
                     return self._stop_nonfinite()
                 if tc.val_every and step % tc.val_every == 0:
                     self._validate()
+                if deadline is not None and not self.stop.requested and time.monotonic() >= deadline:
+                    self.stop.budget_spent(tc.max_minutes)
                 stop = self.stop.agreed(self.control)  # host-only collective, every step
                 due = (tc.ckpt_every and step % tc.ckpt_every == 0) or step == tc.max_steps or stop
                 if due:

@@ -58,10 +58,11 @@ class ControlGroup:
 
 
 class StopRequest:
-    """Records SIGTERM/SIGINT; :meth:`agreed` says whether any rank got one."""
+    """Records SIGTERM/SIGINT (or a spent time budget); :meth:`agreed` says whether any rank got one."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
+        self.reason: str | None = None
         self._previous: dict[int, object] = {}
 
     def install(self) -> None:
@@ -80,9 +81,13 @@ class StopRequest:
             raise KeyboardInterrupt  # a second Ctrl-C: stop now, without a checkpoint
         self.signum = signum
 
+    def budget_spent(self, minutes: float) -> None:
+        """Stop like on SIGTERM because ``train.max_minutes`` ran out."""
+        self.reason = f"its time budget (train.max_minutes={minutes:g})"
+
     @property
     def requested(self) -> bool:
-        return self.signum is not None
+        return self.signum is not None or self.reason is not None
 
     def agreed(self, control: ControlGroup) -> bool:
         """True on every rank when any rank was signalled (a collective: all ranks call it)."""
@@ -90,7 +95,9 @@ class StopRequest:
 
     @property
     def name(self) -> str:
-        return signal.Signals(self.signum).name if self.signum is not None else "a signal on another rank"
+        if self.signum is not None:
+            return signal.Signals(self.signum).name
+        return self.reason or "a stop on another rank"
 
 
 def ignore_stop_signals(worker_id: int | None = None) -> None:

@@ -259,6 +259,18 @@ def test_sigterm_saves_and_exits_0(tmp_path):
     assert ckpt.name == f"step-{last}" and ck.read_meta(ckpt)["step"] == last
 
 
+def test_time_budget_stops_with_a_checkpoint_and_resumes(tmp_path, in_process, capsys):
+    """train.max_minutes: the run stops after the step that spends the budget, checkpointed, exit 0;
+    `--resume latest` continues from there to max_steps."""
+    out = tmp_path / "budget"
+    # 1e-6 minutes is spent by the end of the first step
+    assert train_in_process(out, 50, "train.ckpt_every=1000", "train.max_minutes=0.000001") == 0
+    assert "stopped by its time budget (train.max_minutes=1e-06) after step 1" in capsys.readouterr().err
+    assert ck.read_meta(ck.read_latest(out / "checkpoints"))["step"] == 1
+    assert train_in_process(out, 3, "train.ckpt_every=1000", "--resume", "latest") == 0
+    assert ck.read_meta(ck.read_latest(out / "checkpoints"))["step"] == 3
+
+
 # --- the non-finite guard (in process) ---------------------------------------------------------------
 
 
