@@ -11,8 +11,8 @@ import torch
 import zarr
 
 from patching.errors import InputError
-from patching.grid import tile_starts
 from patching.phantom import synth_chest
+from patching.seams import seam_ratio, tile_border_planes
 from patching.spec import hu_to_unit
 from patching.stitch import sliding_window
 from stage1_vqgan.codec import decode_latent, encode_volume, load_vqgan_weights
@@ -150,28 +150,6 @@ def test_bad_inputs_raise_one_line_input_errors(model, tmp_path):
 # -- seams --------------------------------------------------------------------------------------
 
 
-def _border_planes(size: int, tile: int, overlap: float, f: int) -> set[int]:
-    """Interior tile-boundary planes of the stitcher's grid (laid on the latent lattice)."""
-    starts = [s * f for s in tile_starts(size // f, tile // f, overlap)]
-    return {b for s in starts for b in (s, s + tile) if 0 < b < size}
-
-
-def _axis_mask(size: int, planes, w: int) -> torch.Tensor:
-    m = torch.zeros(size, dtype=torch.bool)
-    for b in planes:
-        m[max(0, b - w): b + w] = True  # w voxels on each side of the plane between b - 1 and b
-    return m
-
-
-def _band_masks(n: int, planes: set[int], w: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
-    """(band, elsewhere) of an n³ volume: voxels within ``w`` of a tile-border plane on any axis,
-    and the rest; the one-voxel shell of the volume is in neither."""
-    band1, shell1 = _axis_mask(n, planes, w), _axis_mask(n, {0, n}, 1)
-    band = band1[:, None, None] | band1[None, :, None] | band1[None, None, :]
-    shell = shell1[:, None, None] | shell1[None, :, None] | shell1[None, None, :]
-    return band & ~shell, ~band & ~shell
-
-
 @pytest.mark.slow
 def test_tiled_reconstruction_has_no_seams():
     """Seam ratio = mean |x̂ - x| in bands 2 voxels either side of every interior tile border,
@@ -200,19 +178,16 @@ def test_tiled_reconstruction_has_no_seams():
 
     def pooled_ratio(overlap):
         # the encoder's image grid lies on the latent lattice, so it equals the decoder's grid × f
-        planes = _border_planes(n, tile, overlap, f)
-        assert planes == {b * f for b in _border_planes(n // f, tile // f, overlap, 1)}
-        band, rest = _band_masks(n, planes)
-        sums, sq, shifts = torch.zeros(2), 0.0, range(0, big_n - n + 1, 4)
+        planes = tile_border_planes(n, tile, overlap, f)
+        assert planes == [b * f for b in tile_border_planes(n // f, tile // f, overlap)]
+        pairs, sq, shifts = [], 0.0, range(0, big_n - n + 1, 4)
         for s in shifts:
             vol = big[s:s + n, s:s + n, s:s + n]
             recon = decode_latent(model, encode_volume(model, vol, tile, overlap, batch_size=4), tile // f, overlap,
                                   batch_size=4)[0]
-            err = (recon - vol).abs()
-            sums += torch.stack([err[band].sum(), err[rest].sum()])
+            pairs.append((recon.numpy(), vol.numpy()))
             sq += float((recon - vol).square().mean())
-        ratio = float(sums[0] / band.sum() / (sums[1] / rest.sum()))
-        return ratio, 10 * math.log10(4.0 / (sq / len(shifts))), sorted(planes)
+        return seam_ratio(pairs, [planes] * 3), 10 * math.log10(4.0 / (sq / len(shifts))), planes
 
     ratio, psnr, planes = pooled_ratio(0.25)
     abut_ratio, abut_psnr, abut_planes = pooled_ratio(0.0)
