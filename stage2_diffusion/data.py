@@ -47,6 +47,18 @@ def latent_source(store: Store) -> tuple[float, dict]:
     return scale, ref
 
 
+def encoded_cases(store: Store, split: str | None, ref: dict) -> tuple[list[str], list[tuple[int, ...]]]:
+    """``(case ids, latent shapes)`` of the split's cases whose latent was made by ``ref`` (the
+    store's ``latent_vqgan``); latents of other weights are stale and left out."""
+    ids, shapes = [], []
+    for cid in store.case_ids(split):
+        case = store.case(cid)
+        if case.has_latent and same_identity(dict(case.latent.attrs).get("vqgan"), ref):
+            ids.append(cid)
+            shapes.append(tuple(int(s) for s in case.latent.shape))
+    return ids, shapes
+
+
 def epoch_order(num_cases: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
     if not shuffle:
         return np.arange(num_cases)
@@ -87,12 +99,7 @@ class LatentDataset(CaseStreamPosition, IterableDataset):
         opened = store if isinstance(store, Store) else Store(store)
         self.store_path = str(opened.path)
         self.scale_factor, self.vqgan = latent_source(opened)
-        ids, shapes = [], []
-        for cid in opened.case_ids(split):
-            case = opened.case(cid)
-            if case.has_latent and same_identity(dict(case.latent.attrs).get("vqgan"), self.vqgan):
-                ids.append(cid)
-                shapes.append(tuple(int(s) for s in case.latent.shape))
+        ids, shapes = encoded_cases(opened, split, self.vqgan)
         if not ids:
             raise InputError(self.store_path, f"no case{'' if split is None else f' of split {split!r}'} has a latent "
                                               "of the store's latent_vqgan; run `xray2ct encode` first")

@@ -19,14 +19,21 @@ view gets the encoder's learned tokens) → :func:`stage2_diffusion.sampler.samp
 K samples are drawn one after the other from one CPU generator seeded with ``seed`` (the same
 seed gives the same files); for K > 1 each further sample, the voxel-wise mean and std (HU) are
 written too.
+
+In memory (an evaluation loop): :class:`DiffusionReconstructor` loads both models once and maps
+``{view: array in [0, 1]}`` to int16 HU volumes ``(K, X, Y, Z)``; ``sample_diffusion`` reads the
+files, draws through it and writes the results, so both give the same volume for a seed.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import numbers
 import resource
 import sys
 import time
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -128,22 +135,149 @@ def load_diffusion(checkpoint: str | Path, device: str | torch.device = "cpu") -
     return LoadedDiffusion(cfg, model, extra, int(meta.get("step", 0)), weights, where)
 
 
-def _read_views(views: tuple[str, ...], pa, lateral, size: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    given = {"pa": pa, "lateral": lateral}
-    if all(given.get(v) is None for v in views):
-        raise InputError("--pa", "give at least one X-ray (--pa, and --lateral for biplanar input)")
-    imgs, present, shown = [], [], {}
-    for v in views:
-        path = given.get(v)
-        if path is None:
-            imgs.append(np.zeros((size, size), np.float32))
-            present.append(False)
-            continue
-        img = read_xray(Path(path))
-        shown[v] = img
-        imgs.append(resize_xray(img, (size, size)).astype(np.float32))
-        present.append(True)
-    return torch.from_numpy(np.stack(imgs))[None], torch.tensor([present]), shown
+def _positive_int(value, source: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise InputError(source, f"must be a positive integer, got {value!r}")
+    return int(value)
+
+
+class DiffusionReconstructor:
+    """Loads a stage-2 checkpoint/run dir/export once (:func:`load_diffusion`) and its VQ-GAN
+    (sha256-checked against the reference the latents were made with), then turns X-ray arrays
+    into CT volumes in memory.
+
+        rec = DiffusionReconstructor("runs/diff", steps=10)
+        hu = rec.reconstruct({"pa": pa, "lateral": lat}, seed=0, num_samples=4)   # (4, X, Y, Z) int16
+
+    Attributes: ``views`` (the encoder's view order), ``spacing_mm``, ``hu_window``,
+    ``volume_shape`` (``latent_shape`` × the VQ-GAN's downsampling), ``step``, ``weights``
+    ("ema"/"raw"), ``source``; also ``cfg``, ``latent_shape``, ``latent_scale_factor``,
+    ``vqgan_reference``, ``steps``, ``guidance``, ``device``.
+
+    Args:
+        checkpoint: a diffusion checkpoint directory, the ``latest`` file, ``D/checkpoints``, a
+            run directory or an ``xray2ct export`` directory.
+        device: where the models run (default: CUDA when available, else CPU).
+        vqgan: the VQ-GAN's checkpoint/export when it moved (default: the recorded path); its
+            weights must have the recorded sha256.
+        steps, guidance: sampler steps and CFG scale (default: the checkpoint's config).
+        progress: tqdm bar over the denoising steps.
+
+    Raises:
+        InputError: bad checkpoint, VQ-GAN sha256 mismatch, bad ``steps``/``guidance``.
+    """
+
+    def __init__(self, checkpoint: str | Path, *, device: str | torch.device | None = None,
+                 vqgan: str | Path | None = None, steps: int | None = None, guidance: float | None = None,
+                 progress: bool = False):
+        self.device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        loaded = load_diffusion(checkpoint, self.device)
+        cfg, extra = loaded.cfg, loaded.extra
+        ref = extra["vqgan"]
+        vq_path = vqgan if vqgan is not None else ref.get("source")
+        if vq_path is None:
+            raise InputError(loaded.source, "records no VQ-GAN path; pass the VQ-GAN checkpoint explicitly")
+        vq = load_vqgan(vq_path, self.device)
+        if vq.reference["weights_sha256"] != ref.get("weights_sha256"):
+            raise InputError(vq_path, f"VQ-GAN weights sha256 {vq.reference['weights_sha256']} differ from "
+                                      f"{ref.get('weights_sha256')} that the diffusion model {loaded.source} was trained on")
+        self.steps = _positive_int(cfg.sampler.steps if steps is None else steps, "steps")
+        self.guidance = cfg.diffusion.guidance_scale if guidance is None else guidance
+        g = self.guidance
+        if isinstance(g, bool) or not isinstance(g, numbers.Real) or not (math.isfinite(g) and g >= 0):
+            raise InputError("guidance", f"must be a finite number >= 0, got {g!r}")
+        self.guidance = float(g)
+        self.cfg, self.model, self.vq, self.progress = cfg, loaded.model, vq, bool(progress)
+        self.step, self.weights, self.source = loaded.step, loaded.weights, loaded.source
+        self.vqgan_reference = ref
+        self.latent_scale_factor = float(extra["latent_scale_factor"])
+        self.latent_shape = tuple(int(s) for s in cfg.latent_shape)
+        volume = extra.get("volume") or {}
+        self.spacing_mm = tuple(float(s) for s in volume.get("spacing_mm", (1.0, 1.0, 1.0)))
+        self.hu_window = tuple(float(v) for v in ref.get("hu_window") or vq.hu_window)
+        self.views = tuple(cfg.encoder.views)
+        f = int(vq.model.cfg.downsample)
+        self.volume_shape = tuple(f * s for s in self.latent_shape)
+        self.scheduler = sample_scheduler(cfg.diffusion, cfg.sampler.name)
+
+    def _inputs(self, xrays) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(1, V, S, S)`` X-rays resized to the encoder's size and ``(1, V)`` views present."""
+        if not isinstance(xrays, Mapping):
+            raise InputError("xrays", f"needs a dict {{view: 2-D array in [0, 1]}}, got {type(xrays).__name__}")
+        unknown = [k for k in xrays if k not in self.views]
+        if unknown:
+            raise InputError("xrays", f"unknown view {unknown[0]!r}; this model takes {', '.join(self.views)}")
+        given = {k: v for k, v in xrays.items() if v is not None}
+        if not given:
+            raise InputError("xrays", f"no view given; pass at least one of {', '.join(self.views)}")
+        size = self.cfg.encoder.image_size
+        imgs, present = [], []
+        for view in self.views:
+            if view not in given:
+                imgs.append(np.zeros((size, size), np.float32))
+                present.append(False)
+                continue
+            src, a = f"xrays[{view!r}]", np.asarray(given[view])
+            if a.dtype.kind not in "biuf":
+                raise InputError(src, f"needs a numeric array, got dtype {a.dtype}")
+            if a.ndim != 2 or a.size == 0:
+                raise InputError(src, f"needs a non-empty 2-D [row, col] array, got shape {a.shape}")
+            bad = int(a.size - np.isfinite(a).sum())
+            if bad:
+                raise InputError(src, f"has {bad} NaN or Inf value(s)")
+            lo, hi = float(a.min()), float(a.max())
+            if lo < 0.0 or hi > 1.0:
+                raise InputError(src, f"values must lie in [0, 1], got {lo:.4g} .. {hi:.4g} "
+                                      "(patching.xray_io.read_xray normalises image files)")
+            imgs.append(resize_xray(a.astype(np.float32), (size, size)).astype(np.float32))
+            present.append(True)
+        return torch.from_numpy(np.stack(imgs))[None], torch.tensor([present])
+
+    def iter_samples(self, xrays: dict[str, np.ndarray], *, seed: int = 0,
+                     num_samples: int = 1) -> Iterator[np.ndarray]:
+        """The volumes of :meth:`reconstruct` one at a time (inputs are checked at the call)."""
+        x, present = self._inputs(xrays)
+        num_samples = _positive_int(num_samples, "num_samples")
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+            raise InputError("seed", f"must be an integer, got {seed!r}")
+        try:
+            generator = torch.Generator().manual_seed(int(seed))
+        except RuntimeError as err:
+            raise InputError("seed", f"{seed} is not a valid seed ({err})") from None
+        return self._samples(x, present, generator, num_samples)
+
+    def _samples(self, x: torch.Tensor, present: torch.Tensor, generator: torch.Generator,
+                 num_samples: int) -> Iterator[np.ndarray]:
+        cfg, codec = self.cfg, self.vq.codec
+        shape = (cfg.unet.latent_channels, *self.latent_shape)
+        for _ in range(num_samples):
+            lat = sample_latents(self.model.unet, self.model.encoder, x, present, shape=shape, scheduler=self.scheduler,
+                                 steps=self.steps, guidance=self.guidance, generator=generator,
+                                 window=cfg.sampler.window, overlap=cfg.sampler.overlap, progress=self.progress)
+            hu = decode_latent(self.vq.model, lat[0].cpu() / self.latent_scale_factor, codec.tile_latent,
+                               codec.overlap, hu_window=self.hu_window, batch_size=codec.batch_size,
+                               device=self.device, progress=False)[0].numpy()
+            yield np.clip(np.rint(hu), -32768, 32767).astype(np.int16)
+
+    def reconstruct(self, xrays: dict[str, np.ndarray], *, seed: int = 0, num_samples: int = 1) -> np.ndarray:
+        """CT volumes for one set of X-rays.
+
+        Args:
+            xrays: ``{"pa": 2-D float array in [0, 1] of any size, optionally "lateral": ...}``
+                (resized to the encoder's size; a missing view — absent or None — uses the
+                encoder's learned missing-view tokens).
+            seed: seed of the CPU generator that draws the samples one after the other, as
+                :func:`sample_diffusion` does (``reconstruct(x, seed=s)[0]`` is its volume for seed s).
+            num_samples: K ≥ 1.
+
+        Returns:
+            int16 HU, ``(num_samples, *volume_shape)``.
+
+        Raises:
+            InputError: unknown view names, no view given, arrays that are not 2-D or hold NaN
+                or values outside [0, 1], bad ``seed``/``num_samples``.
+        """
+        return np.stack(list(self.iter_samples(xrays, seed=seed, num_samples=num_samples)))
 
 
 def sample_diffusion(checkpoint: str | Path, pa: str | Path | None, lateral: str | Path | None, out: str | Path, *,
@@ -180,44 +314,22 @@ def sample_diffusion(checkpoint: str | Path, pa: str | Path | None, lateral: str
         raise InputError("--out", f"{out} exists and is not a directory")
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
         raise InputError("--num-samples", f"must be a positive integer, got {num_samples!r}")
-    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    loaded = load_diffusion(checkpoint, device)
-    cfg, extra = loaded.cfg, loaded.extra
-    ref = extra["vqgan"]
-    vq_path = vqgan if vqgan is not None else ref.get("source")
-    if vq_path is None:
-        raise InputError(loaded.source, "records no VQ-GAN path; pass the VQ-GAN checkpoint explicitly")
-    vq = load_vqgan(vq_path, device)
-    if vq.reference["weights_sha256"] != ref.get("weights_sha256"):
-        raise InputError(vq_path, f"VQ-GAN weights sha256 {vq.reference['weights_sha256']} differ from "
-                                  f"{ref.get('weights_sha256')} that the diffusion model {loaded.source} was trained on")
-    scale = float(extra["latent_scale_factor"])
-    volume = extra.get("volume") or {}
-    spacing = tuple(float(s) for s in volume.get("spacing_mm", (1.0, 1.0, 1.0)))
-    hu_window = tuple(float(v) for v in ref.get("hu_window") or vq.hu_window)
-
-    xrays, present, shown = _read_views(tuple(cfg.encoder.views), pa, lateral, cfg.encoder.image_size)
-    steps = cfg.sampler.steps if steps is None else steps
-    guidance = cfg.diffusion.guidance_scale if guidance is None else guidance
-    scheduler = sample_scheduler(cfg.diffusion, cfg.sampler.name)
-    shape = (cfg.unet.latent_channels, *cfg.latent_shape)
-    generator = torch.Generator().manual_seed(int(seed))
-    codec = vq.codec
+    files_in = {"pa": pa, "lateral": lateral}
+    if all(v is None for v in files_in.values()):
+        raise InputError("--pa", "give at least one X-ray (--pa, and --lateral for biplanar input)")
+    shown = {v: read_xray(Path(f)) for v, f in files_in.items() if f is not None}
+    rec = DiffusionReconstructor(checkpoint, device=device, vqgan=vqgan, steps=steps, guidance=guidance,
+                                 progress=progress)
+    for v in shown:
+        if v not in rec.views:
+            raise InputError(f"--{v}", f"this model takes only the views {', '.join(rec.views)}")
 
     out.mkdir(parents=True, exist_ok=True)
     files: dict[str, Path] = {}
     mean = m2 = None
-    affine = None
+    affine = centred_affine(rec.volume_shape, rec.spacing_mm)
     hu0 = None
-    for k in range(num_samples):
-        lat = sample_latents(loaded.model.unet, loaded.model.encoder, xrays, present, shape=shape, scheduler=scheduler,
-                             steps=steps, guidance=guidance, generator=generator, window=cfg.sampler.window,
-                             overlap=cfg.sampler.overlap, progress=progress)
-        hu = decode_latent(vq.model, lat[0].cpu() / scale, codec.tile_latent, codec.overlap, hu_window=hu_window,
-                           batch_size=codec.batch_size, device=device, progress=False)[0].numpy()
-        hu = np.clip(np.rint(hu), -32768, 32767).astype(np.int16)
-        if affine is None:
-            affine = centred_affine(hu.shape, spacing)
+    for k, hu in enumerate(rec.iter_samples(shown, seed=seed, num_samples=num_samples)):
         if k == 0:
             hu0 = hu
         else:
@@ -229,20 +341,21 @@ def sample_diffusion(checkpoint: str | Path, pa: str | Path | None, lateral: str
             delta = x - mean
             mean += delta / (k + 1)
             m2 += delta * (x - mean)
-    title = f"diffusion step {loaded.step} ({loaded.weights}), seed {seed}, {steps} steps, guidance {guidance}"
-    attrs = {"task": TASK_NAME, "step": loaded.step, "weights": loaded.weights, "source": str(loaded.source),
-             "spacing_mm": list(spacing), "affine": affine.tolist(), "units": "HU", "seed": int(seed),
+    steps, guidance = rec.steps, rec.guidance
+    title = f"diffusion step {rec.step} ({rec.weights}), seed {seed}, {steps} steps, guidance {guidance}"
+    attrs = {"task": TASK_NAME, "step": rec.step, "weights": rec.weights, "source": str(rec.source),
+             "spacing_mm": list(rec.spacing_mm), "affine": affine.tolist(), "units": "HU", "seed": int(seed),
              "steps": int(steps), "guidance": float(guidance), "num_samples": num_samples}
     files["nifti"] = write_nifti(out / "volume.nii.gz", hu0, affine)
     files["zarr"] = write_zarr(out / "volume.zarr", hu0, attrs)
-    files["preview"] = save_triplanar_png(out / "preview.png", hu0, spacing, xrays=shown, title=title)
+    files["preview"] = save_triplanar_png(out / "preview.png", hu0, rec.spacing_mm, xrays=shown, title=title)
     if num_samples > 1:
         files["mean"] = write_nifti(out / "mean.nii.gz", np.rint(mean), affine)
         files["std"] = write_nifti(out / "std.nii.gz", np.rint(np.sqrt(m2 / num_samples)), affine)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
-    meta = {**attrs, "vqgan": ref, "latent_scale_factor": scale, "latent_shape": list(cfg.latent_shape),
-            "volume_shape": list(hu0.shape), "seconds": round(time.perf_counter() - t0, 3),
-            "peak_rss_mb": round(peak_mb, 1), "device": str(device)}
+    meta = {**attrs, "vqgan": rec.vqgan_reference, "latent_scale_factor": rec.latent_scale_factor,
+            "latent_shape": list(rec.latent_shape), "volume_shape": list(hu0.shape),
+            "seconds": round(time.perf_counter() - t0, 3), "peak_rss_mb": round(peak_mb, 1), "device": str(rec.device)}
     meta_path = out / "sample.json"
     meta_path.write_text(json.dumps(meta, indent=1))
     files["metadata"] = meta_path

@@ -13,39 +13,76 @@ Extra state (saved in every checkpoint and export): the latent scale factor, the
 reference of the latents (path, sha256 of its weights, codec settings) and the data spec
 (shape, spacing, HU window), so that :func:`stage2_diffusion.pipeline.sample_diffusion` needs
 only the stage-2 checkpoint.
+
+Validation (every ``train.val_every`` steps, EMA weights, the same items on every rank, no
+collective): up to ``data.num_val_cases`` encoded cases of ``data.val_split``; ``val_loss`` =
+the conditional training loss (no CFG drop) of each case's latent (whole, or the centred
+``data.crop`` with its coordinates) at ``VAL_TIMESTEPS`` evenly spaced ``t``; ``val_latent_psnr``
+= PSNR of a short sample (the config's sampler, ``min(sampler.steps, data.val_sample_steps)``
+steps, the config's guidance and window) against the true latent, data range = the true
+latent's peak-to-peak; ``preview`` = central slices of latent channel 0, true above sampled.
+Noise comes from a CPU generator seeded ``VAL_SEED`` at every call: validation is deterministic
+and never touches ``ctx.generator`` or the global RNG, so training is the same with or without it.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from patching.errors import InputError
+from patching.store import SPLITS, Store
 
 from .config import Stage2Config
 from .config import preset as stage2_preset
-from .data import LatentDataset, collate
-from .schedules import add_noise, train_scheduler, training_target
+from .data import LatentDataset, collate, encoded_cases
+from .sampler import sample_latents
+from .schedules import add_noise, sample_scheduler, train_scheduler, training_target
 from .unet import LatentUNet3d
 from .xray_encoder import XrayEncoder
+
+VAL_TIMESTEPS = 8  # validation loss at t = (2k + 1)·T / 16, k = 0..7
+VAL_SEED = 1234  # the validation noise generator's seed (CPU, fresh at every call)
 
 
 @dataclass
 class DiffusionDataConfig:
-    """``data.*``: ``crop`` = latent crop ``(x, y, z)`` for training, None = whole latents."""
+    """``data.*``.
+
+    Args:
+        crop: latent crop ``(x, y, z)`` for training (random) and the validation loss (centred);
+            None = whole latents.
+        val_split: split that validation reads (skipped with a note when none of its cases is
+            encoded).
+        num_val_cases: validation cases, spread evenly over the split's encoded cases.
+        val_sample_steps: at most this many sampler steps for the validation samples (the
+            config's sampler, ``min(sampler.steps, val_sample_steps)``).
+    """
 
     crop: tuple[int, int, int] | None = None
+    val_split: str = "val"
+    num_val_cases: int = 4
+    val_sample_steps: int = 10
 
     def __post_init__(self) -> None:
         if self.crop is not None:
             self.crop = tuple(int(c) for c in self.crop)
             if len(self.crop) != 3 or any(c < 1 for c in self.crop):
                 raise InputError("data.crop", f"needs three positive integers or none, got {self.crop}")
+        if self.val_split not in SPLITS:
+            raise InputError("data.val_split", f"must be one of {SPLITS}, got {self.val_split!r}")
+        for key in ("num_val_cases", "val_sample_steps"):
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise InputError(f"data.{key}", f"must be a positive integer, got {v!r}")
 
 
 @dataclass
@@ -92,6 +129,9 @@ class DiffusionTask:
         self.vqgan: dict | None = None
         self.spec = None
         self.latent_shapes: list | None = None
+        self.store = None
+        self.rank = 0
+        self._val: tuple[LatentDataset | None, list[int]] | None = None
 
     def default_config(self, preset: str) -> DiffusionTaskConfig:
         return task_config(preset)
@@ -114,7 +154,8 @@ class DiffusionTask:
                                                betas=(0.9, 0.999), weight_decay=0.0)}
 
     def build_dataset(self, cfg, store, preset, split, rank, world_size, seed) -> LatentDataset:
-        self.cfg, self.spec = cfg, preset
+        self.cfg, self.spec, self.store, self.rank = cfg, preset, store, rank
+        self._val = None
         ds = LatentDataset(store, split=split, image_size=cfg.encoder.image_size, views=cfg.encoder.views,
                            crop=cfg.data.crop, seed=seed, rank=rank, world_size=world_size,
                            batch_size=cfg.train.batch_size, num_workers=cfg.train.num_workers)
@@ -172,3 +213,95 @@ class DiffusionTask:
         if scale is not None and float(scale) != float(self.scale_factor):
             raise InputError("--store", f"the checkpoint's latent scale factor {scale} differs from the store's "
                                         f"{self.scale_factor}")
+
+    # --- validation ------------------------------------------------------------------------------
+
+    def _val_cases(self) -> tuple[LatentDataset, list[int]] | None:
+        """The validation dataset (whole latents, no shuffle) and the picked case indices."""
+        if self._val is None:
+            d = self.cfg.data
+            store = self.store if isinstance(self.store, Store) else Store(self.store)
+            ids, _ = encoded_cases(store, d.val_split, self.vqgan)
+            if not ids:
+                if self.rank == 0:
+                    print(f"[xray2ct] diffusion: no encoded {d.val_split!r} cases in {store.path}; validation skipped",
+                          file=sys.stderr, flush=True)
+                self._val = (None, [])
+            else:
+                ds = LatentDataset(store, split=d.val_split, image_size=self.cfg.encoder.image_size,
+                                   views=self.cfg.encoder.views, crop=None, shuffle=False)
+                n = min(d.num_val_cases, len(ds.case_ids))
+                self._val = (ds, [int(i) for i in np.unique(np.linspace(0, len(ds.case_ids) - 1, n).round())])
+        return self._val if self._val[1] else None
+
+    def validate(self, models, step, ctx) -> dict[str, Tensor]:
+        """Validation loss, latent PSNR of short samples and a latent preview (module docstring)."""
+        val = self._val_cases() if self.store is not None and self.cfg is not None else None
+        if val is None:
+            return {}
+        ds, picks = val
+        cfg, sched, dev = self.cfg, self.scheduler, ctx.device
+        model = models["diffusion"]
+        num_t = sched.config.num_train_timesteps
+        timesteps = torch.tensor([(2 * k + 1) * num_t // (2 * VAL_TIMESTEPS) for k in range(VAL_TIMESTEPS)])
+        chunk = max(1, int(getattr(getattr(cfg, "train", None), "batch_size", 1)))
+        sampler = sample_scheduler(cfg.diffusion, cfg.sampler.name)
+        steps = min(cfg.sampler.steps, cfg.data.val_sample_steps)
+        g = torch.Generator().manual_seed(VAL_SEED)  # never ctx.generator: training's stream stays as it was
+        se, count, psnrs, preview = torch.zeros((), dtype=torch.float64), 0, [], None
+        with ctx.ema_weights():
+            for i in picks:
+                item = ds.sample(i, 0)
+                latent = item["latent"]  # (C, X, Y, Z), scaled, CPU
+                full = tuple(latent.shape[1:])
+                crop = full if cfg.data.crop is None else tuple(min(c, n) for c, n in zip(cfg.data.crop, full))
+                start = tuple((n - c) // 2 for n, c in zip(full, crop))
+                x0 = latent[(slice(None), *(slice(a, a + c) for a, c in zip(start, crop)))].to(dev)
+                xray, present = item["xray"][None].to(dev), item["views_present"][None].to(dev)
+                noise = torch.randn((VAL_TIMESTEPS, *x0.shape), generator=g, dtype=torch.float32)
+                for a in range(0, VAL_TIMESTEPS, chunk):
+                    t = timesteps[a:a + chunk].to(dev)
+                    b = t.shape[0]
+                    x0b, nb = x0.expand(b, *x0.shape).contiguous(), noise[a:a + chunk].to(dev)
+                    with ctx.autocast():
+                        pred = model(add_noise(sched, x0b, nb, t), t, xray.expand(b, *xray.shape[1:]).contiguous(),
+                                     present.expand(b, -1), None, coords=(start, full))
+                    target = training_target(sched, x0b, nb, t).float()
+                    se = se + F.mse_loss(pred.float(), target, reduction="sum").double().cpu()
+                    count += target.numel()
+                with ctx.autocast():
+                    sample = sample_latents(model.unet, model.encoder, xray, present, shape=tuple(latent.shape),
+                                            scheduler=sampler, steps=steps, guidance=cfg.diffusion.guidance_scale,
+                                            generator=g, window=cfg.sampler.window, overlap=cfg.sampler.overlap,
+                                            progress=False)
+                sample = sample[0].float().cpu()
+                peak = float(latent.max() - latent.min())
+                mse = float(((sample - latent).double() ** 2).mean())
+                psnrs.append(10 * math.log10(max(peak, 1e-12) ** 2 / max(mse, 1e-20)))
+                if preview is None:
+                    preview = latent_preview(latent, sample)
+        return {"val_loss": (se / max(count, 1)).float(),
+                "val_latent_psnr": torch.tensor(sum(psnrs) / len(psnrs), dtype=torch.float32),
+                "preview": preview}
+
+
+def latent_preview(true: Tensor, sampled: Tensor, min_height: int = 64) -> Tensor:
+    """Central x, y and z slices of channel 0, the true latent's row above the sample's, as an
+    H×W image in [0, 1] (both scaled by the true channel's min..max; 1-pixel white separators;
+    nearest-neighbour enlarged to at least ``min_height`` pixels)."""
+    lo, hi = float(true[0].min()), float(true[0].max())
+
+    def row(v: Tensor) -> Tensor:
+        c = ((v[0].float() - lo) / max(hi - lo, 1e-12)).clamp(0, 1)
+        x, y, z = c.shape
+        planes = [c[x // 2], c[:, y // 2], c[:, :, z // 2]]  # (Y, Z), (X, Z), (X, Y)
+        h = max(p.shape[0] for p in planes)
+        parts = []
+        for p in planes:
+            parts += [F.pad(p, (0, 0, 0, h - p.shape[0])), torch.ones(h, 1)]
+        return torch.cat(parts[:-1], dim=1)
+
+    top, bottom = row(true.cpu()), row(sampled.cpu())
+    img = torch.cat([top, torch.ones(1, top.shape[1]), bottom], dim=0)
+    k = max(1, math.ceil(min_height / img.shape[0]))
+    return img.repeat_interleave(k, 0).repeat_interleave(k, 1)

@@ -1,5 +1,6 @@
 """Sampling end to end from a stage-2 checkpoint: NIfTI (spacing), Zarr, PNG, mean/std for K = 2,
-determinism per seed, and the VQ-GAN identity check."""
+determinism per seed, the VQ-GAN identity check, and the in-memory DiffusionReconstructor (the
+same volumes as the files, input checks)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import zarr
 
 from patching.errors import InputError
 from patching.store import Store
-from stage2_diffusion.pipeline import sample_diffusion
+from stage2_diffusion.pipeline import DiffusionReconstructor, sample_diffusion
 from tests.stage2_diffusion.test_task import N, encoded_store, trained_run
 
 
@@ -72,3 +73,53 @@ def test_mismatched_vqgan_is_an_input_error(setup, tmp_path):
         sample_diffusion(ck, pa, lat, tmp_path / "t", steps=1, progress=False)
     with pytest.raises(InputError, match="--pa"):
         sample_diffusion(run, None, None, tmp_path / "n", progress=False)
+
+
+def test_reconstructor_matches_sample_diffusion_bit_for_bit(setup, tmp_path):
+    run, _, pa, lat = setup
+    files = sample_diffusion(run, pa, lat, tmp_path / "a", steps=2, num_samples=2, seed=5, progress=False)
+    rec = DiffusionReconstructor(run, steps=2)
+    assert rec.views == ("pa", "lateral") and rec.volume_shape == (32, 32, 32)
+    assert rec.spacing_mm == (5.625, 5.625, 5.625) and rec.hu_window == (-1024.0, 1600.0)
+    assert rec.step == 2 * N and rec.weights == "ema" and rec.source == run / "checkpoints" / f"step-{2 * N}"
+    xrays = {"pa": np.load(pa), "lateral": np.load(lat)}
+    hu = rec.reconstruct(xrays, seed=5, num_samples=2)
+    assert hu.shape == (2, 32, 32, 32) and hu.dtype == np.int16
+    assert np.array_equal(hu[0], np.asarray(nib.load(files["nifti"]).dataobj))
+    assert np.array_equal(hu[1], np.asarray(nib.load(files["sample_1"]).dataobj))
+    assert np.array_equal(rec.reconstruct(xrays, seed=5)[0], hu[0])  # the loaded models are reusable
+    # PA only, float64 of another size (resized), the lateral given as None: one volume.
+    small = np.asarray(xrays["pa"][::2, 1:], dtype=np.float64)
+    one = rec.reconstruct({"pa": small, "lateral": None}, seed=1)
+    assert one.shape == (1, 32, 32, 32) and np.array_equal(one, rec.reconstruct({"pa": small}, seed=1))
+
+
+@pytest.fixture(scope="module")
+def rec(setup) -> DiffusionReconstructor:
+    return DiffusionReconstructor(setup[0], steps=1)
+
+
+@pytest.mark.parametrize("xrays, needle", [
+    ({"ap": np.zeros((8, 8))}, "unknown view 'ap'"),
+    ({}, "no view given"),
+    ({"pa": None}, "no view given"),
+    ({"pa": np.zeros((2, 8, 8))}, "2-D"),
+    ({"pa": np.full((8, 8), np.nan)}, "NaN"),
+    ({"pa": np.full((8, 8), 1.5)}, r"\[0, 1\]"),
+    ({"pa": np.full((8, 8), "a")}, "numeric"),
+    ([np.zeros((8, 8))], "dict"),
+])
+def test_reconstructor_input_errors(rec, xrays, needle):
+    with pytest.raises(InputError, match=needle):
+        rec.reconstruct(xrays)
+
+
+def test_reconstructor_option_errors(setup, rec):
+    with pytest.raises(InputError, match="num_samples"):
+        rec.reconstruct({"pa": np.zeros((8, 8))}, num_samples=0)
+    with pytest.raises(InputError, match="seed"):
+        rec.reconstruct({"pa": np.zeros((8, 8))}, seed=1.5)
+    with pytest.raises(InputError, match="steps"):
+        DiffusionReconstructor(setup[0], steps=0)
+    with pytest.raises(InputError, match="guidance"):
+        DiffusionReconstructor(setup[0], guidance=float("nan"))

@@ -1,9 +1,12 @@
-"""The diffusion task on the engine: the latent dataset's position contract, CLI training on an
-encoded phantom store, and bit-exact resume (N + resume + N == 2N)."""
+"""The diffusion task on the engine: the latent dataset's position contract, validation, CLI
+training on an encoded phantom store, and bit-exact resume (N + resume + N == 2N) in one process
+and in two-process DDP, with and without validation in between."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,13 +15,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from launch.presets import data_spec
 from launch.train import build_run_config
 from patching.errors import InputError
 from patching.store import Store
 from patching.synth_store import synthesize
 from stage2_diffusion.data import LatentDataset, collate
 from stage2_diffusion.task import DiffusionTask
-from tests.launch.toy_task import REPO, child_env
+from tests.launch.toy_task import REPO, child_env, free_port
 
 N = 2  # steps before the resume; runs go to 2N
 VQ_TINY = ("model.base_channels=8", "model.channel_mults=1,1,2", "model.attn_mid=false", "model.latent_dim=4",
@@ -56,12 +60,38 @@ def encoded_store(tmp_path_factory) -> tuple[Path, Path]:
     return store, vq
 
 
-def train_cmd(store: Path, out: Path, steps: int, resume: str | None = None) -> list[str]:
-    args = [sys.executable, "-m", "launch.train", "diffusion", "--store", str(store), "--preset", "cpu-demo",
+def train_cmd(store: Path, out: Path, steps: int, resume: str | None = None, *, nproc: int = 1,
+              sets: tuple[str, ...] = ()) -> list[str]:
+    args = ["-m", "launch.train", "diffusion", "--store", str(store), "--preset", "cpu-demo",
             "--output-dir", str(out), "--max-steps", str(steps)]
     if resume:
         args += ["--resume", resume]
-    return args + ["--set", *TINY, *RUN]
+    args += ["--set", *TINY, *RUN, *sets]
+    if nproc == 1:
+        return [sys.executable, *args]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+            str(REPO / "launch/accelerate/cpu_ddp.yaml"), "--num_processes", str(nproc),
+            "--main_process_port", str(free_port()), *args]
+
+
+def metrics(out: Path) -> dict[int, dict]:
+    return {r["step"]: r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
+
+
+def tb_values(out: Path) -> tuple[dict[str, dict[int, float]], dict[str, list[int]]]:
+    """``({scalar tag: {step: value}}, {image tag: [steps]})`` from a run's TensorBoard files."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    scalars: dict[str, dict[int, float]] = {}
+    images: dict[str, list[int]] = {}
+    for f in sorted((out / "tb").glob("events.*")):
+        acc = EventAccumulator(str(f), size_guidance={"scalars": 0, "images": 0})
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            scalars.setdefault(tag, {}).update({e.step: e.value for e in acc.Scalars(tag)})
+        for tag in acc.Tags()["images"]:
+            images.setdefault(tag, []).extend(e.step for e in acc.Images(tag))
+    return scalars, images
 
 
 def trained_run(tmp_path_factory) -> Path:
@@ -132,6 +162,87 @@ def test_dataset_follows_the_position_contract(tmp_path_factory):
     assert batch["latent"].shape == (2, 4, 4, 4, 4) and batch["views_present"].dtype == torch.bool
 
 
+# --- validation ------------------------------------------------------------------------------------
+
+
+class FakeCtx:
+    """The engine's StepContext as validate uses it; records EMA use and owns a training generator."""
+
+    def __init__(self):
+        self.device = torch.device("cpu")
+        self.generator = torch.Generator().manual_seed(7)
+        self.ema_entered = 0
+
+    @contextlib.contextmanager
+    def ema_weights(self):
+        self.ema_entered += 1
+        yield
+
+    def autocast(self):
+        return contextlib.nullcontext()
+
+
+def validated(store: Path, sets: tuple[str, ...] = ()) -> tuple[DiffusionTask, dict, FakeCtx, dict]:
+    task = DiffusionTask()
+    cfg = build_run_config(task, "cpu-demo", [*TINY, "train.batch_size=3", *sets])
+    models = task.build_models(cfg)
+    task.build_dataset(cfg, store, data_spec("cpu-demo"), "train", 0, 1, 0)
+    with torch.no_grad():  # untrained weights predict 0: perturb them, as training would
+        for p in models["diffusion"].parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.05)
+    models["diffusion"].eval()
+    ctx = FakeCtx()
+    with torch.no_grad():
+        out = task.validate(models, 0, ctx)
+    return task, models, ctx, out
+
+
+def test_validate_is_deterministic_and_leaves_the_rngs_alone(tmp_path_factory, tmp_path):
+    store, _ = encoded_store(tmp_path_factory)
+    losses = []
+    for sets in ((), ("data.crop=none", "data.val_sample_steps=2")):  # a centred 4³ crop; whole 8³ latents
+        task, models, ctx, out = validated(store, sets)
+        assert set(out) == {"val_loss", "val_latent_psnr", "preview"} and ctx.ema_entered == 1
+        assert out["val_loss"].ndim == 0 and out["val_latent_psnr"].ndim == 0
+        assert torch.isfinite(out["val_loss"]) and float(out["val_loss"]) > 0 and torch.isfinite(out["val_latent_psnr"])
+        pre = out["preview"]
+        assert pre.ndim == 2 and pre.shape[0] >= 64 and 0 <= float(pre.min()) and float(pre.max()) <= 1
+        # Again: the same numbers; the training generator and the global RNG were never drawn from.
+        rng = torch.get_rng_state()
+        calls = []
+        hook = models["diffusion"].unet.register_forward_pre_hook(
+            lambda m, args, kw, calls=calls: calls.append((tuple(args[0].shape), kw["coords"])), with_kwargs=True)
+        with torch.no_grad():
+            again = task.validate(models, 1, ctx)
+        hook.remove()
+        assert all(torch.equal(out[k], again[k]) for k in out)
+        assert torch.equal(ctx.generator.get_state(), torch.Generator().manual_seed(7).get_state())
+        assert torch.equal(torch.get_rng_state(), rng)
+        # The loss sees the 8 timesteps in chunks of train.batch_size (3) with the centred crop's
+        # coordinates; the sample denoises the whole latent (2 CFG halves per step).
+        crop = sets == ()
+        loss_calls = [((3, 4, 4, 4, 4), ((2, 2, 2), (8, 8, 8)))] * 2 + [((2, 4, 4, 4, 4), ((2, 2, 2), (8, 8, 8)))]
+        if not crop:
+            loss_calls = [((b, 4, 8, 8, 8), ((0, 0, 0), (8, 8, 8))) for b in (3, 3, 2)]
+        assert calls[:3] == loss_calls
+        assert calls[3:] == [((2, 4, 8, 8, 8), ((0, 0, 0), (8, 8, 8)))] * (3 if crop else 2)
+        losses.append(float(out["val_loss"]))
+    assert losses[0] != losses[1]  # the whole latents' loss is another number than the centred crops'
+
+
+def test_validate_without_encoded_val_cases_returns_nothing(tmp_path_factory, tmp_path):
+    store, _ = encoded_store(tmp_path_factory)
+    copy = tmp_path / "store"
+    shutil.copytree(store, copy)
+    for cid in Store(copy).case_ids("val"):
+        shutil.rmtree(copy / "cases" / cid / "latent")
+    assert validated(copy)[3] == {}
+    with pytest.raises(InputError, match="data.num_val_cases"):
+        build_run_config(DiffusionTask(), "cpu-demo", ["data.num_val_cases=0"])
+    with pytest.raises(InputError, match="data.val_split"):
+        build_run_config(DiffusionTask(), "cpu-demo", ["data.val_split=dev"])
+
+
 # --- training --------------------------------------------------------------------------------------
 
 
@@ -149,11 +260,38 @@ def test_cli_trains_and_resume_is_bit_identical(tmp_path_factory, tmp_path):
     assert extra["vqgan"]["source"] == store_attrs["latent_vqgan"]["source"]
     assert extra["volume"]["spacing_mm"] == [5.625] * 3
 
+    # The resumed run validates after every step, the straight one never: the same weights, EMA
+    # and optimizer state prove that validation leaves training's RNG, weights and data alone.
     store, _ = encoded_store(tmp_path_factory)
     resumed = tmp_path / "resumed"
-    run_ok(train_cmd(store, resumed, N))
-    run_ok(train_cmd(store, resumed, 2 * N, resume="latest"))
+    run_ok(train_cmd(store, resumed, N, sets=("train.val_every=1",)))
+    run_ok(train_cmd(store, resumed, 2 * N, resume="latest", sets=("train.val_every=1",)))
     assert_same_checkpoint(ck, resumed / "checkpoints" / f"step-{2 * N}")
-    again = {json.loads(line)["step"]: json.loads(line) for line in (resumed / "metrics.jsonl").read_text().splitlines()}
+    again = metrics(resumed)
     for r in records:
         assert again[r["step"]]["loss"] == r["loss"], r["step"]
+    scalars, images = tb_values(resumed)
+    steps = list(range(1, 2 * N + 1))
+    for tag in ("val/val_loss", "val/val_latent_psnr"):
+        assert sorted(scalars[tag]) == steps and all(torch.isfinite(torch.tensor(v)) for v in scalars[tag].values())
+    assert sorted(images["val/preview"]) == steps
+    assert len(set(scalars["val/val_loss"].values())) == 2 * N  # the EMA weights change every step
+
+
+@pytest.mark.distributed
+def test_two_process_ddp_resume_is_bit_identical(tmp_path_factory, tmp_path):
+    """2 ranks (gloo): 2N steps validating after each, vs N + resume + N without validation."""
+    store, _ = encoded_store(tmp_path_factory)
+    ref = tmp_path / "ddp"
+    run_ok(train_cmd(store, ref, 2 * N, nproc=2, sets=("train.val_every=1",)))
+    out = tmp_path / "ddp-resumed"
+    shutil.copytree(ref / "checkpoints" / f"step-{N}", out / "checkpoints" / f"step-{N}")
+    run_ok(train_cmd(store, out, 2 * N, "latest", nproc=2))
+    assert_same_checkpoint(ref / "checkpoints" / f"step-{2 * N}", out / "checkpoints" / f"step-{2 * N}")
+    a, b = metrics(ref), metrics(out)
+    assert sorted(b) == list(range(N + 1, 2 * N + 1))
+    assert all(a[s]["loss"] == b[s]["loss"] and a[s]["cfg_drop_frac"] == b[s]["cfg_drop_frac"] for s in b)
+    meta = json.loads((out / "checkpoints" / f"step-{2 * N}" / "meta.json").read_text())
+    assert meta["world_size"] == 2 and meta["position"] > 0
+    scalars, _ = tb_values(ref)
+    assert sorted(scalars["val/val_loss"]) == list(range(1, 2 * N + 1))
