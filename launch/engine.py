@@ -607,12 +607,17 @@ class Trainer:
                 m.train(modes[n])
         if not self.is_main:
             return
+        scalars = {}
         for k, v in result.items():
             if isinstance(v, torch.Tensor) and v.dim() >= 2:
                 self._writer.add_image(f"val/{k}", v.detach().float().cpu(), self.state.step,
                                        dataformats="HW" if v.dim() == 2 else "CHW")
             else:
-                self._writer.add_scalar(f"val/{k}", float(v), self.state.step)
+                scalars[f"val/{k}"] = float(v)
+                self._writer.add_scalar(f"val/{k}", scalars[f"val/{k}"], self.state.step)
+        if scalars:  # for scripts, beside metrics.jsonl (one line per validation)
+            with open(self.output_dir / "val_metrics.jsonl", "a") as f:
+                f.write(json.dumps({"step": self.state.step, **scalars}) + "\n")
 
     # --- checkpoints -------------------------------------------------------------------------------
 

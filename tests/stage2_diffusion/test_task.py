@@ -276,6 +276,10 @@ def test_cli_trains_and_resume_is_bit_identical(tmp_path_factory, tmp_path):
         assert sorted(scalars[tag]) == steps and all(torch.isfinite(torch.tensor(v)) for v in scalars[tag].values())
     assert sorted(images["val/preview"]) == steps
     assert len(set(scalars["val/val_loss"].values())) == 2 * N  # the EMA weights change every step
+    # the same scalars, as JSON lines for scripts
+    val = [json.loads(line) for line in (resumed / "val_metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in val] == steps
+    assert all(r["val/val_loss"] == pytest.approx(scalars["val/val_loss"][r["step"]]) for r in val)
 
 
 @pytest.mark.distributed
