@@ -248,16 +248,35 @@ class DiffusionReconstructor:
 
     def _samples(self, x: torch.Tensor, present: torch.Tensor, generator: torch.Generator,
                  num_samples: int) -> Iterator[np.ndarray]:
-        cfg, codec = self.cfg, self.vq.codec
-        shape = (cfg.unet.latent_channels, *self.latent_shape)
         for _ in range(num_samples):
-            lat = sample_latents(self.model.unet, self.model.encoder, x, present, shape=shape, scheduler=self.scheduler,
-                                 steps=self.steps, guidance=self.guidance, generator=generator,
-                                 window=cfg.sampler.window, overlap=cfg.sampler.overlap, progress=self.progress)
-            hu = decode_latent(self.vq.model, lat[0].cpu() / self.latent_scale_factor, codec.tile_latent,
-                               codec.overlap, hu_window=self.hu_window, batch_size=codec.batch_size,
-                               device=self.device, progress=False)[0].numpy()
-            yield np.clip(np.rint(hu), -32768, 32767).astype(np.int16)
+            yield self.decode(self._latent(x, present, generator, self.cfg.sampler.window))
+
+    def _latent(self, x: torch.Tensor, present: torch.Tensor, generator: torch.Generator,
+                window, overlap: float | None = None) -> torch.Tensor:
+        cfg = self.cfg
+        shape = (cfg.unet.latent_channels, *self.latent_shape)
+        lat = sample_latents(self.model.unet, self.model.encoder, x, present, shape=shape, scheduler=self.scheduler,
+                             steps=self.steps, guidance=self.guidance, generator=generator, window=window,
+                             overlap=cfg.sampler.overlap if overlap is None else overlap, progress=self.progress)
+        return lat[0].cpu() / self.latent_scale_factor
+
+    def sample_latent(self, xrays: dict[str, np.ndarray], *, seed: int = 0, window="config",
+                      overlap: float | None = None) -> torch.Tensor:
+        """One sampled latent in the VQ-GAN's units ``(C, *latent_shape)`` (÷ scale factor), for
+        analyses: ``window`` None denoises the whole latent, a size denoises blended windows,
+        ``"config"`` uses the checkpoint's sampler setting. Seeded like :meth:`reconstruct`'s first sample."""
+        x, present = self._inputs(xrays)
+        return self._latent(x, present, torch.Generator().manual_seed(int(seed)),
+                            self.cfg.sampler.window if window == "config" else window, overlap)
+
+    def decode(self, latent: torch.Tensor, tile_latent=None) -> np.ndarray:
+        """int16 HU of a latent in the VQ-GAN's units, with the VQ-GAN's tiled codec
+        (``tile_latent`` overrides its latent tile, e.g. the whole latent for a seam-free reference)."""
+        codec = self.vq.codec
+        hu = decode_latent(self.vq.model, latent, tuple(tile_latent or codec.tile_latent), codec.overlap,
+                           hu_window=self.hu_window, batch_size=codec.batch_size, device=self.device,
+                           progress=False)[0].numpy()
+        return np.clip(np.rint(hu), -32768, 32767).astype(np.int16)
 
     def reconstruct(self, xrays: dict[str, np.ndarray], *, seed: int = 0, num_samples: int = 1) -> np.ndarray:
         """CT volumes for one set of X-rays.

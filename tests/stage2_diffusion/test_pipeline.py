@@ -10,6 +10,7 @@ import shutil
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 import zarr
 
 from patching.errors import InputError
@@ -92,6 +93,13 @@ def test_reconstructor_matches_sample_diffusion_bit_for_bit(setup, tmp_path):
     small = np.asarray(xrays["pa"][::2, 1:], dtype=np.float64)
     one = rec.reconstruct({"pa": small, "lateral": None}, seed=1)
     assert one.shape == (1, 32, 32, 32) and np.array_equal(one, rec.reconstruct({"pa": small}, seed=1))
+    # the analysis API: the first sample's latent, decoded, is reconstruct's first volume
+    latent = rec.sample_latent(xrays, seed=5)
+    assert latent.shape == (4, 8, 8, 8) and np.array_equal(rec.decode(latent), hu[0])
+    whole = rec.decode(latent, tile_latent=(8, 8, 8))  # one tile: no blending at all
+    assert whole.shape == hu[0].shape and not np.array_equal(whole, hu[0])  # a 2-step VQ-GAN: far apart
+    windowed = rec.sample_latent(xrays, seed=5, window=(4, 4, 4), overlap=0.5)
+    assert windowed.shape == latent.shape and not torch.equal(windowed, latent)
 
 
 @pytest.fixture(scope="module")
