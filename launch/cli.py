@@ -62,11 +62,14 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="xray2ct", description="Chest X-ray → 3D CT / CTPA")
     sub = parser.add_subparsers(dest="cmd", required=True,
-                                metavar="{data,train,export,encode,sample,demo}")
+                                metavar="{data,train,export,encode,sample,evaluate,demo}")
     _add_data(sub)
-    # train/export parse their own flags (the same parser serves `accelerate launch -m launch.train`).
+    # train/export/evaluate parse their own flags (the same parsers serve `accelerate launch -m launch.train`
+    # and `-m launch.evaluate`).
     sub.add_parser("train", help="train a task (see `xray2ct train --help`)", add_help=False)
     sub.add_parser("export", help="export checkpoint weights as safetensors + config.json", add_help=False)
+    sub.add_parser("evaluate", help="score reconstruction methods on a store's split (see `xray2ct evaluate --help`)",
+                   add_help=False)
     p = sub.add_parser("encode", help="cache every case's stage-1 latent in the store")
     p.add_argument("--store", required=True)
     p.add_argument("--vqgan", required=True, help="vqgan checkpoint, run or export directory")
@@ -84,8 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None)
     p = sub.add_parser("demo", help="the whole pipeline on phantoms, on a CPU")
     p.add_argument("--out", default="demo_out")
-    p.add_argument("--num", type=int, default=12, help="phantoms to synthesise")
+    p.add_argument("--num", type=int, default=48, help="phantoms to synthesise (default 48: 40 train, 4 val, 4 test)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--vqgan-minutes", type=float, default=5.0,
+                   help="wall minutes for the VQ-GAN and the X2CT-GAN (trained side by side)")
+    p.add_argument("--diffusion-minutes", type=float, default=3.0, help="wall minutes for the diffusion model")
+    p.add_argument("--max-steps", type=int, default=None, help="also stop every training at this step (quick runs)")
     return parser
 
 
@@ -129,13 +136,17 @@ def _sample(args) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    # train/export forward everything after their name to their own parsers.
-    if argv and argv[0] in ("train", "export"):
+    # train/export/evaluate forward everything after their name to their own parsers.
+    if argv and argv[0] in ("train", "export", "evaluate"):
         try:
             if argv[0] == "train":
                 from launch.train import main as train_main
 
                 return int(train_main(argv[1:]) or 0)
+            if argv[0] == "evaluate":
+                from launch.evaluate import main as evaluate_main
+
+                return int(evaluate_main(argv[1:]) or 0)
             from launch.export import main as export_main
 
             return int(export_main(argv[1:]) or 0)

@@ -1,0 +1,207 @@
+"""The methods ``xray2ct evaluate`` scores, behind one small adapter each.
+
+Every method is a :class:`Method`: ``name``, ``kind``, ``stochastic``, ``info`` (what it was
+loaded from, for the report) and ``reconstruct(case, *, seed, num_samples) -> (K, X, Y, Z)`` HU
+at the case's shape. A method whose own output grid differs from the case's is resampled by
+trilinear interpolation (:func:`to_shape`, ``align_corners=False``) and ``info["resampled"]`` /
+the per-case ``resampled`` flag say so.
+
+- :class:`GanMethod` — X2CT-GAN and X-Recon (:mod:`gan_baselines.sampling`): the EMA generator,
+  the case's stored X-rays resized to the model's size, the model's cube → HU by its preset's
+  window → trilinear to the case's shape (``reconstruct_hu``). Deterministic.
+- :class:`DiffusionMethod` — the stage-2 model through
+  ``stage2_diffusion.pipeline.DiffusionReconstructor``. Stochastic: ``K`` samples per case from
+  a seed derived from ``--seed`` and the case id (:func:`case_seed`), so a case gets the same
+  samples whichever process reconstructs it.
+- :class:`MeanVolumeMethod` — the ``mean-train-volume`` baseline (:func:`mean_train_volume`).
+
+:func:`load_method` dispatches on the checkpoint's task (:func:`gan_baselines.sampling.checkpoint_task`).
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from patching.errors import InputError
+from patching.store import Case, Store
+
+MEAN_BASELINE = "mean-train-volume"
+
+
+def case_seed(seed: int, case_id: str) -> int:
+    """The sampling seed of one case: depends on ``seed`` and the case id only (not on the order
+    or the process that reconstructs it)."""
+    return int(np.random.SeedSequence([int(seed), zlib.crc32(case_id.encode())]).generate_state(1)[0])
+
+
+def to_shape(volume: np.ndarray, shape) -> np.ndarray:
+    """``volume`` (``X×Y×Z``) at ``shape`` by trilinear interpolation (``align_corners=False``),
+    float32; returned unchanged (as float32) when the shape already fits."""
+    shape = tuple(int(s) for s in shape)
+    vol = np.asarray(volume)
+    if vol.shape == shape:
+        return vol.astype(np.float32, copy=False)
+    t = torch.from_numpy(np.ascontiguousarray(vol, dtype=np.float32))[None, None]
+    return torch.nn.functional.interpolate(t, size=shape, mode="trilinear", align_corners=False)[0, 0].numpy()
+
+
+class Method:
+    """One row of the evaluation (see the module docstring)."""
+
+    name: str
+    kind: str
+    stochastic: bool = False
+    source: str = ""
+    info: dict
+
+    def reconstruct(self, case: Case, *, seed: int = 0, num_samples: int = 1) -> np.ndarray:
+        """``(K, X, Y, Z)`` HU at ``case.shape`` (K = 1 for deterministic methods)."""
+        raise NotImplementedError
+
+    def samples(self, case: Case, *, seed: int = 0, num_samples: int = 1) -> Iterator[np.ndarray]:
+        """The volumes of :meth:`reconstruct` one at a time (so K samples need not be held at once)."""
+        yield from self.reconstruct(case, seed=seed, num_samples=num_samples)
+
+    def resampled(self, case: Case) -> bool:
+        """Whether this method's output for ``case`` was interpolated to the case's grid."""
+        return False
+
+
+class GanMethod(Method):
+    stochastic = False
+
+    def __init__(self, name: str, path: str | Path, device: str | torch.device):
+        from gan_baselines.sampling import load_generator
+        from launch.presets import data_spec
+
+        self.name, self.source = name, str(path)
+        self.loaded = load_generator(path, device)
+        self.kind = self.loaded.task
+        self.window = data_spec(self.loaded.preset or "cpu-demo").hu_window
+        self.views = tuple(self.loaded.cfg.model.views)
+        n = int(self.loaded.cfg.model.volume_size)
+        self.grid = (n, n, n)
+        self.info = {"kind": self.kind, "source": self.source, "resolved": str(self.loaded.source),
+                     "step": self.loaded.step, "weights": self.loaded.weights, "preset": self.loaded.preset,
+                     "views": list(self.views), "output_grid": list(self.grid), "hu_window": list(self.window),
+                     "stochastic": False}
+
+    def reconstruct(self, case: Case, *, seed: int = 0, num_samples: int = 1) -> np.ndarray:
+        from gan_baselines.sampling import reconstruct_hu
+        from patching.spec import VolumeSpec
+
+        xrays = {v: case.xray(v) for v in self.views}
+        return reconstruct_hu(self.loaded, xrays, VolumeSpec(case.shape, case.spacing_mm, self.window))[None]
+
+    def resampled(self, case: Case) -> bool:
+        return tuple(case.shape) != self.grid
+
+
+class DiffusionMethod(Method):
+    kind = "diffusion"
+    stochastic = True
+
+    def __init__(self, name: str, path: str | Path, device: str | torch.device, *, steps: int | None = None,
+                 guidance: float | None = None):
+        from stage2_diffusion.pipeline import DiffusionReconstructor
+
+        self.name, self.source = name, str(path)
+        self.rec = DiffusionReconstructor(path, device=device, steps=steps, guidance=guidance, progress=False)
+        self.views = tuple(self.rec.views)
+        self.grid = tuple(int(s) for s in self.rec.volume_shape)
+        self.info = {"kind": self.kind, "source": self.source, "resolved": str(self.rec.source),
+                     "step": int(self.rec.step), "weights": self.rec.weights,
+                     "views": list(self.views), "output_grid": list(self.grid),
+                     "spacing_mm": [float(s) for s in self.rec.spacing_mm],
+                     "hu_window": [float(v) for v in self.rec.hu_window], "steps": int(self.rec.steps),
+                     "guidance": float(self.rec.guidance), "stochastic": True}
+
+    def reconstruct(self, case: Case, *, seed: int = 0, num_samples: int = 1) -> np.ndarray:
+        return np.stack(list(self.samples(case, seed=seed, num_samples=num_samples)))
+
+    def samples(self, case: Case, *, seed: int = 0, num_samples: int = 1) -> Iterator[np.ndarray]:
+        present = [v for v in self.views if v in case.views()]
+        if not present:
+            raise InputError(case.path, f"has none of the X-ray views the model takes ({', '.join(self.views)})")
+        xrays = {v: case.xray(v) for v in present}
+        for vol in self.rec.iter_samples(xrays, seed=case_seed(seed, case.case_id), num_samples=num_samples):
+            yield vol if tuple(vol.shape) == tuple(case.shape) else to_shape(vol, case.shape)
+
+    def resampled(self, case: Case) -> bool:
+        return tuple(case.shape) != self.grid
+
+
+class MeanVolumeMethod(Method):
+    """The voxel-wise mean of the training CTs (clipped to the HU window), whatever the X-rays."""
+
+    kind = "baseline"
+    stochastic = False
+
+    def __init__(self, mean: np.ndarray, info: dict):
+        self.name, self.source, self.mean = MEAN_BASELINE, "train split", mean
+        self.info = {"kind": self.kind, "source": self.source, "output_grid": list(mean.shape), "stochastic": False,
+                     **info}
+
+    def reconstruct(self, case: Case, *, seed: int = 0, num_samples: int = 1) -> np.ndarray:
+        return to_shape(self.mean, case.shape)[None]
+
+    def resampled(self, case: Case) -> bool:
+        return tuple(case.shape) != self.mean.shape
+
+
+def load_method(name: str, path: str | Path, *, device: str | torch.device = "cpu", steps: int | None = None,
+                guidance: float | None = None) -> Method:
+    """The adapter for the checkpoint, run, ``latest`` file or export at ``path``, by its task.
+
+    Raises :class:`InputError` (or whatever the loader raises) when it cannot be loaded.
+    """
+    from gan_baselines.sampling import GAN_TASKS, checkpoint_task
+
+    task = checkpoint_task(path)
+    if task in GAN_TASKS:
+        return GanMethod(name, path, device)
+    if task == "diffusion":
+        return DiffusionMethod(name, path, device, steps=steps, guidance=guidance)
+    raise InputError(path, f"is a {task!r} checkpoint, which does not reconstruct CTs from X-rays "
+                           f"(give an {', '.join(GAN_TASKS)} or diffusion checkpoint)")
+
+
+def train_sum(store: Store, window: tuple[float, float], *, rank: int = 0, world_size: int = 1,
+              progress: bool = True) -> tuple[np.ndarray, dict]:
+    """This process's part of the ``mean-train-volume`` baseline: ``(int32 sum, info)`` of the train
+    CTs ``train_ids[rank::world_size]`` clipped to ``window``.
+
+    Streaming: one CT in memory at a time, summed into an int32 accumulator (clipped HU are
+    integers, so the sum is exact and the same in any order: the all-reduced sums of several
+    processes equal the single-process sum bit for bit). CTs of another shape than the most
+    common one are resampled to it (trilinear, rounded to integer HU), counted in
+    ``info["resampled"]``. Divide the (all-reduced) sum by ``info["num_train"]``: :func:`mean_from_sum`.
+    """
+    ids = store.case_ids("train")
+    if not ids:
+        raise InputError(store.path, "has no train cases; the mean-train-volume baseline needs them "
+                                     "(or pass --no-mean-baseline)")
+    shapes = Counter(store.case(cid).shape for cid in ids)
+    shape = max(shapes, key=lambda s: (shapes[s], s))
+    lo, hi = window
+    total = np.zeros(shape, dtype=np.int32)
+    for cid in tqdm(ids[rank::world_size], desc=MEAN_BASELINE, unit="case", disable=not progress):
+        ct = np.asarray(store.case(cid).ct[...])
+        if ct.shape != shape:
+            ct = np.rint(to_shape(ct, shape))
+        total += np.clip(ct, lo, hi).astype(np.int32)
+    info = {"num_train": len(ids), "shape": list(shape), "window": [float(lo), float(hi)],
+            "resampled_train_cases": sum(n for s, n in shapes.items() if s != shape)}
+    return total, info
+
+
+def mean_from_sum(total: np.ndarray, info: dict) -> np.ndarray:
+    """The mean volume (float32) from the summed train CTs of :func:`train_sum`."""
+    return (np.asarray(total).astype(np.float64) / info["num_train"]).astype(np.float32)
