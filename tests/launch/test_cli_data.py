@@ -102,10 +102,3 @@ def test_ingest_reports_bad_cases_and_keeps_the_good(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "bad.nii.gz" in err and "good.nii.gz" not in err
     assert Store(tmp_path / "s.zarr").case_ids() == ["good"]
-
-
-def test_demo_writes_store_and_preview(tmp_path, capsys):
-    assert main(["demo", "--out", str(tmp_path / "d"), "--num", "3"]) == 0
-    out = capsys.readouterr().out
-    assert "phantoms_preview.png" in out and (tmp_path / "d" / "phantoms_preview.png").exists()
-    assert len(Store(tmp_path / "d" / "phantoms.zarr").case_ids()) == 3
