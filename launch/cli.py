@@ -89,9 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="demo_out")
     p.add_argument("--num", type=int, default=48, help="phantoms to synthesise (default 48: 40 train, 4 val, 4 test)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--vqgan-minutes", type=float, default=5.0,
+    p.add_argument("--vqgan-minutes", type=float, default=6.0,
                    help="wall minutes for the VQ-GAN and the X2CT-GAN (trained side by side)")
-    p.add_argument("--diffusion-minutes", type=float, default=3.0, help="wall minutes for the diffusion model")
+    p.add_argument("--diffusion-minutes", type=float, default=4.0, help="wall minutes for the diffusion model")
     p.add_argument("--max-steps", type=int, default=None, help="also stop every training at this step (quick runs)")
     return parser
 

@@ -89,7 +89,7 @@ def train(tasks: dict[str, list[str]], store: Path, runs: Path, logs: Path, minu
             procs[name] = (subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT), out)
         total = max(1, round(minutes * 60))
         with tqdm(total=total, unit="s", desc="training", dynamic_ncols=True, file=sys.stdout,
-                  bar_format="{desc}: {bar} {n:.0f}/{total:.0f} s [{postfix}]") as bar:
+                  bar_format="{desc}: {bar} {n:.0f}/{total:.0f} s{postfix}") as bar:
             while any(p.poll() is None for p, _ in procs.values()):
                 time.sleep(1.0)
                 bar.n = min(total, time.perf_counter() - t0)
