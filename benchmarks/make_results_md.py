@@ -3,7 +3,7 @@
 
     .venv/bin/python benchmarks/make_results_md.py \\
         --section "demo=demo_out/evaluation" --demo-json demo_out/demo.json \\
-        --section "longer runs=/tmp/d6/evaluation"
+        --section "longer runs=/tmp/d6/evaluation" --made-by "make demo" --made-by "..."
 
 Each ``--section TITLE=DIR`` becomes a section with the evaluation's own Markdown (its command
 line included) and its first comparison figure, copied to ``docs/images/results-<n>.png``.
@@ -34,6 +34,8 @@ def _demo_table(meta: dict) -> str:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--section", action="append", required=True, metavar="TITLE=DIR")
+    p.add_argument("--made-by", action="append", default=[], metavar="CMD",
+                   help="the command that produced each section's directory, in --section order")
     p.add_argument("--demo-json", type=Path, default=None)
     p.add_argument("--out", type=Path, default=REPO / "docs" / "results.md")
     args = p.parse_args()
@@ -50,7 +52,10 @@ def main() -> int:
         d = Path(where)
         summary = (d / "summary.md").read_text().strip()
         body = summary.split("\n", 1)[1] if summary.startswith("#") else summary  # drop its own title
+        body = "\n".join("#" + line if line.startswith("## ") else line for line in body.splitlines())
         parts.append(f"## {title}\n")
+        if n <= len(args.made_by):
+            parts.append(f"Made by:\n\n```bash\n{args.made_by[n - 1]}\n```\n")
         if n == 1 and args.demo_json is not None:
             parts.append("`xray2ct demo` (the README's first command), wall time per stage:\n")
             parts.append(_demo_table(json.loads(args.demo_json.read_text())))
