@@ -10,6 +10,7 @@ import shutil
 import nibabel as nib
 import numpy as np
 import pytest
+import SimpleITK as sitk
 import torch
 import zarr
 
@@ -38,6 +39,7 @@ def test_sample_writes_volumes_and_is_deterministic(setup, tmp_path):
     img = nib.load(a["nifti"])
     assert img.shape == (32, 32, 32) and img.get_data_dtype() == np.int16
     assert img.header.get_zooms() == pytest.approx((5.625, 5.625, 5.625))
+    assert sitk.ReadImage(str(a["nifti"])).GetSpacing() == pytest.approx((5.625, 5.625, 5.625))  # the same in ITK
     hu0 = np.asarray(img.dataobj)
     hu1 = np.asarray(nib.load(a["sample_1"]).dataobj)
     assert not np.array_equal(hu0, hu1)  # two noise draws

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -297,5 +298,12 @@ def test_two_process_ddp_resume_is_bit_identical(tmp_path_factory, tmp_path):
     assert all(a[s]["loss"] == b[s]["loss"] and a[s]["cfg_drop_frac"] == b[s]["cfg_drop_frac"] for s in b)
     meta = json.loads((out / "checkpoints" / f"step-{2 * N}" / "meta.json").read_text())
     assert meta["world_size"] == 2 and meta["position"] > 0
+    # train → sample: the 2-process run's checkpoint samples like any other, the same for both runs
+    from stage2_diffusion.pipeline import DiffusionReconstructor
+
+    case = Store(store).case(Store(store).case_ids("test")[0])
+    xrays = {v: case.xray(v) for v in case.views()}
+    vols = [DiffusionReconstructor(run, steps=2).reconstruct(xrays, seed=3) for run in (ref, out)]
+    assert vols[0].shape == (1, 32, 32, 32) and vols[0].dtype == np.int16 and np.array_equal(*vols)
     scalars, _ = tb_values(ref)
     assert sorted(scalars["val/val_loss"]) == list(range(1, 2 * N + 1))
