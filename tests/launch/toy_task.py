@@ -204,13 +204,19 @@ def child_env(**extra: str) -> dict:
 def train_cmd(out: Path, steps: int, *, nproc: int = 1, launcher: str = "torchrun", resume: str | None = None,
               sets: tuple[str, ...] = ()) -> list[str]:
     """The command line of a toy training run (one process, torchrun or accelerate launch)."""
-    import sys
 
     args = ["-m", "launch.train", TASK_REF, "--store", "unused", "--preset", "cpu-demo", "--output-dir", str(out),
             "--max-steps", str(steps)]
     if resume:
         args += ["--resume", resume]
     args += ["--set", f"fault.trace_dir={out / 'trace'}", *sets]
+    return launch_cmd(args, nproc, launcher)
+
+
+def launch_cmd(args: list[str], nproc: int = 1, launcher: str = "accelerate") -> list[str]:
+    """``python ARGS`` for one process, else under ``accelerate launch`` (the CPU DDP config) or torchrun."""
+    import sys
+
     if nproc == 1:
         return [sys.executable, *args]
     port = str(free_port())

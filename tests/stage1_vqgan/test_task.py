@@ -7,7 +7,6 @@ import contextlib
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +20,7 @@ from patching.errors import InputError
 from patching.store import Store
 from patching.synth_store import synthesize
 from stage1_vqgan.task import VQGANTask
-from tests.launch.toy_task import REPO, child_env, free_port
+from tests.launch.toy_task import REPO, child_env, launch_cmd
 
 N = 3  # steps before the resume; the runs go to 2N
 # A tiny model: 8/8/16 channels, ×4, 32 codes of dim 4, 16³ tiles, disc active from step 2
@@ -47,11 +46,7 @@ def train_cmd(store: Path, out: Path, steps: int, *, nproc: int = 1, resume: str
     if resume:
         args += ["--resume", resume]
     args += ["--set", *TINY, *RUN, *sets]
-    if nproc == 1:
-        return [sys.executable, *args]
-    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-            str(REPO / "launch/accelerate/cpu_ddp.yaml"), "--num_processes", str(nproc),
-            "--main_process_port", str(free_port()), *args]
+    return launch_cmd(args, nproc)
 
 
 def run_ok(cmd: list[str], timeout: int = 300) -> None:

@@ -23,7 +23,7 @@ from patching.store import Store
 from patching.synth_store import synthesize
 from stage2_diffusion.data import LatentDataset, collate
 from stage2_diffusion.task import DiffusionTask
-from tests.launch.toy_task import REPO, child_env, free_port
+from tests.launch.toy_task import REPO, child_env, launch_cmd
 
 N = 2  # steps before the resume; runs go to 2N
 VQ_TINY = ("model.base_channels=8", "model.channel_mults=1,1,2", "model.attn_mid=false", "model.latent_dim=4",
@@ -68,11 +68,7 @@ def train_cmd(store: Path, out: Path, steps: int, resume: str | None = None, *, 
     if resume:
         args += ["--resume", resume]
     args += ["--set", *TINY, *RUN, *sets]
-    if nproc == 1:
-        return [sys.executable, *args]
-    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-            str(REPO / "launch/accelerate/cpu_ddp.yaml"), "--num_processes", str(nproc),
-            "--main_process_port", str(free_port()), *args]
+    return launch_cmd(args, nproc)
 
 
 def metrics(out: Path) -> dict[int, dict]:
