@@ -7,12 +7,12 @@ held-out phantoms.
    --preset cpu-demo --output-dir WORK/TASK --max-steps N --resume latest``; models at their
    ``cpu_demo()`` size, 64² X-rays → 32³), both at once, one thread each — or taken from
    ``--checkpoint TASK=PATH`` (a checkpoint, run or export directory).
-3. Every test case is reconstructed the way ``sample_gan`` does it (EMA generator, stored X-rays
-   resized to the model's size, model cube → HU → trilinear to the case's 64³ grid) and compared
-   with the ground truth clipped to the preset's HU window [-1024, 1600] (what the models are
-   trained to reproduce). Baseline: the voxel-wise mean of the training volumes (clipped the same
-   way). PSNR = 10·log10(2624² / MSE): the data range is the HU window width, stated, not the
-   per-volume maximum. MAE in HU beside it.
+3. ``xray2ct evaluate`` (its Python API) scores every test case: EMA generator, stored X-rays
+   resized to the model's size, model cube → HU → trilinear to the case's 64³ grid, against the
+   ground truth, both clipped to the preset's HU window [-1024, 1600]; the baseline is the
+   voxel-wise mean of the training volumes. PSNR = 10·log10(2624² / MSE) (the data range is the
+   window width, not the per-volume maximum), MAE, SSIM, projection consistency, ... with
+   bootstrap CIs; the table is ``WORK/evaluation/summary.md``.
 
 Run (about 40 minutes on the project's 2 shared cores under load; ``--steps 200``: about 10)::
 
@@ -27,83 +27,23 @@ volume; after 800 both do in PSNR (X2CT-GAN 25.3 dB, X-Recon 24.4 dB vs 24.0 dB)
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks._common import record  # noqa: E402
-from gan_baselines.data import psnr  # noqa: E402
-from gan_baselines.sampling import load_generator, reconstruct_hu  # noqa: E402
-from patching.spec import VolumeSpec  # noqa: E402
+from launch.demo import train  # noqa: E402
+from launch.evaluate import evaluate  # noqa: E402
 from patching.store import Store  # noqa: E402
 from patching.synth_store import synthesize  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TASKS = ("x2ct-gan", "x-recon")
-WINDOW = (-1024.0, 1600.0)  # the cpu-demo preset's HU window
 SHAPE = (64, 64, 64)
-
-
-def train_all(tasks: list[str], store: Path, work: Path, steps: int, threads: int) -> dict[str, float]:
-    """Train the tasks concurrently (subprocesses, ``threads`` each); returns wall seconds per task."""
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONPATH=str(REPO))
-    procs = {}
-    for task in tasks:
-        out = work / task
-        out.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "launch.train", task, "--store", str(store), "--preset", "cpu-demo",
-               "--output-dir", str(out), "--max-steps", str(steps), "--resume", "latest"]
-        print("$", " ".join(cmd[1:]), flush=True)
-        log = open(out / "train.log", "w")  # noqa: SIM115 - closed below
-        procs[task] = (subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT), log, time.perf_counter())
-    times: dict[str, float] = {}
-    while len(times) < len(procs):  # poll, so each task's own wall time is recorded
-        for task, (proc, log, t0) in procs.items():
-            if task in times or proc.poll() is None:
-                continue
-            times[task] = time.perf_counter() - t0
-            log.close()
-            if proc.returncode != 0:
-                raise SystemExit(f"training {task} failed (exit {proc.returncode}); see {work / task / 'train.log'}")
-        time.sleep(0.5)
-    return times
-
-
-def clipped_hu(case) -> np.ndarray:
-    return np.clip(np.asarray(case.ct[...], dtype=np.float32), *WINDOW)
-
-
-def evaluate(store: Store, methods: dict[str, Path], split: str) -> dict[str, dict]:
-    train_ids, test_ids = store.case_ids("train"), store.case_ids(split)
-    mean = np.zeros(SHAPE, dtype=np.float64)
-    for cid in train_ids:
-        mean += clipped_hu(store.case(cid))
-    mean = (mean / len(train_ids)).astype(np.float32)
-    width = WINDOW[1] - WINDOW[0]
-    loaded = {name: load_generator(path) for name, path in methods.items()}
-    rows: dict[str, dict] = {"mean training volume": {"psnr": [], "mae": []}}
-    rows.update({name: {"psnr": [], "mae": [], "step": g.step, "weights": g.weights} for name, g in loaded.items()})
-    for cid in test_ids:
-        case = store.case(cid)
-        truth = torch.from_numpy(clipped_hu(case))
-        spec = VolumeSpec(case.shape, case.spacing_mm, WINDOW)
-        preds = {"mean training volume": torch.from_numpy(mean)}
-        for name, g in loaded.items():
-            xrays = {v: case.xray(v) for v in g.cfg.model.views}
-            preds[name] = torch.from_numpy(reconstruct_hu(g, xrays, spec).astype(np.float32))
-        for name, pred in preds.items():
-            rows[name]["psnr"].append(float(psnr(pred, truth, width)))
-            rows[name]["mae"].append(float((pred - truth).abs().mean()))
-    for row in rows.values():
-        row["psnr_mean"], row["mae_mean"] = float(np.mean(row["psnr"])), float(np.mean(row["mae"]))
-    return {"cases": test_ids, "num_train": len(train_ids), "rows": rows}
 
 
 def main(argv=None) -> int:
@@ -124,23 +64,24 @@ def main(argv=None) -> int:
     synthesize(store, args.num, SHAPE, seed=0, workers=2, progress=False)  # skips finished cases
     given = dict(item.split("=", 1) for item in args.checkpoint)
     to_train = [t for t in args.tasks if t not in given]
-    times = train_all(to_train, store_path, args.work, args.steps, args.threads) if to_train else {}
-    methods = {t: Path(given.get(t, args.work / t)) for t in args.tasks}
-    result = evaluate(store, methods, args.split)
-
-    print(f"\n{len(result['cases'])} {args.split} phantoms {SHAPE} (vs {result['num_train']} training volumes); "
-          f"PSNR data range = HU window width {WINDOW[1] - WINDOW[0]:.0f} HU, ground truth clipped to {WINDOW}")
-    print(f"{'method':<22} {'step':>5} {'train s':>8} {'PSNR dB':>8} {'MAE HU':>8}  per case PSNR")
-    for name, row in result["rows"].items():
-        step = str(row.get("step", "-"))
-        t = f"{times[name]:.0f}" if name in times else "-"
-        cases = " ".join(f"{v:.2f}" for v in row["psnr"])
-        print(f"{name:<22} {step:>5} {t:>8} {row['psnr_mean']:>8.2f} {row['mae_mean']:>8.1f}  {cases}")
+    runs = {}
+    if to_train:  # concurrently, `threads` each, until --steps (the budget only caps a runaway run)
+        t = time.perf_counter()
+        runs = train({task: [] for task in to_train}, store_path, args.work, args.work, 24 * 60.0, args.threads,
+                     args.steps)
+        runs["wall_seconds"] = round(time.perf_counter() - t, 1)
+    methods = {task: Path(given.get(task, args.work / task)) for task in args.tasks}
+    report = evaluate(store_path, methods, args.work / "evaluation", split=args.split, device="cpu",
+                      command=" ".join(sys.argv))
+    print((args.work / "evaluation" / "summary.md").read_text())
     if not args.no_record:
+        summary = {row["method"]: {m: v["mean"] for m, v in row["metrics"].items() if v.get("mean") is not None}
+                   for row in report["summary"]}
         path = record("gan-baselines", {"split": args.split, "num_phantoms": args.num, "shape": SHAPE,
-                                        "steps": args.steps, "train_seconds": times, "hu_window": WINDOW, **result})
+                                        "steps": args.steps, "training": runs, "cases": report["cases"],
+                                        "summary": summary, "failures": report["failures"]})
         print(f"recorded {path}")
-    return 0
+    return 2 if report["failures"] else 0
 
 
 if __name__ == "__main__":
