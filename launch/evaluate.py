@@ -237,6 +237,7 @@ def _collective(state, fn):
 def evaluate(store: str | Path, methods: Mapping[str, str | Path], out: str | Path, *, split: str = "test",
              num_samples: int = 1, steps: int | None = None, guidance: float | None = None, seed: int = 0,
              figure_cases: int = 2, max_cases: int | None = None, mean_baseline: bool = True,
+             figure_case_ids: Sequence[str] | None = None,
              lpips_weights: str | Path | None = None, device: str | None = None, preset: str = "cpu-demo",
              progress: bool = True, command: str | None = None) -> dict:
     """Score ``methods`` (``{NAME: checkpoint/run/export path}``) on a split of ``store``; write ``out``.
@@ -270,6 +271,14 @@ def evaluate(store: str | Path, methods: Mapping[str, str | Path], out: str | Pa
     if not ids:
         raise InputError("--split", f"split {split!r} of {st.path} has no complete cases")
     ids = ids[:max_cases] if max_cases else ids
+    if figure_case_ids:  # chosen by id (--figure-case), instead of the first N
+        unknown = [c for c in figure_case_ids if c not in ids]
+        if unknown:
+            raise InputError("--figure-case", f"{unknown[0]!r} is not among the {len(ids)} scored cases of split "
+                                              f"{split!r} (e.g. {ids[0]!r})")
+        figure_ids = set(figure_case_ids)
+    else:
+        figure_ids = set(ids[:figure_cases])
     if mean_baseline and not st.case_ids("train"):
         raise InputError("--store", f"{st.path} has no train cases for the {MEAN_BASELINE} baseline "
                                     "(pass --no-mean-baseline)")
@@ -319,7 +328,6 @@ def evaluate(store: str | Path, methods: Mapping[str, str | Path], out: str | Pa
             total = t.cpu().numpy()
         live.append(MeanVolumeMethod(mean_from_sum(total, info), info))
 
-    figure_ids = set(ids[:figure_cases])
     records, skipped, figures, truth_emb = [], [], {}, {}
 
     def run_cases() -> None:
@@ -447,6 +455,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance (diffusion)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (mixed with each case id)")
     p.add_argument("--figure-cases", type=int, default=2, metavar="N", help="comparison figures of the first N cases")
+    p.add_argument("--figure-case", action="append", default=[], metavar="ID",
+                   help="a case to draw a comparison figure for (repeat; overrides --figure-cases)")
     p.add_argument("--max-cases", type=int, default=None, metavar="N", help="score only the first N cases")
     p.add_argument("--no-mean-baseline", action="store_true", help=f"leave out the {MEAN_BASELINE} row")
     p.add_argument("--lpips-weights", default=None, metavar="PATH",
@@ -467,6 +477,7 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "xray2ct evaluate") -
             args.store, parse_methods(args.method), args.out, split=args.split, num_samples=args.num_samples,
             steps=args.steps, guidance=args.guidance, seed=args.seed, figure_cases=args.figure_cases,
             max_cases=args.max_cases, mean_baseline=not args.no_mean_baseline, lpips_weights=args.lpips_weights,
+            figure_case_ids=args.figure_case or None,
             device=args.device, preset=args.preset, command=shlex.join([*prog.split(), *argv]))
     except InputError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)

@@ -236,6 +236,20 @@ def copy_case(src, dst: Store, split: str, views=("pa", "lateral"), geometry: bo
     dst.write_case(src.case_id, np.asarray(src.ct[...]), src.spacing_mm, src.affine, split=split, views=vs)
 
 
+def test_figure_cases_chosen_by_id(setup, tmp_path, capsys):
+    test = Store(setup["store"]).case_ids("test")
+    try:
+        evaluate(setup["store"], {}, tmp_path / "out", figure_case_ids=[test[-1]], progress=False)
+        assert [p.stem for p in (tmp_path / "out" / "figures").iterdir()] == [test[-1]]
+        with pytest.raises(InputError, match="--figure-case: 'nope' is not among"):
+            evaluate(setup["store"], {}, tmp_path / "out2", figure_case_ids=["nope"], progress=False)
+        assert not (tmp_path / "out2").exists()
+    finally:
+        reset_accelerate()
+    assert cli_main(["evaluate", "--store", str(setup["store"]), "--out", str(tmp_path / "out3"), "--figure-case", "nope"]) == 2
+    assert "--figure-case" in capsys.readouterr().err and not (tmp_path / "out3").exists()
+
+
 def test_reconstruction_failure_and_missing_geometry_are_reported(setup, tmp_path, capsys):
     """A case without its lateral X-ray fails the biplanar GAN (the baseline is still scored); a
     store without geometry attributes skips projection consistency and says why."""
