@@ -36,8 +36,7 @@ from patching.errors import InputError
 from patching.preview import save_triplanar_png
 from patching.spec import VolumeSpec
 from patching.volume_io import write_nifti, write_zarr
-from patching.weights import CHECKPOINT_FORMAT, describe, resolve_weights
-from patching.weights import load_tensors as _load_tensors
+from patching.weights import CHECKPOINT_FORMAT, describe, model_state, resolve_weights
 from patching.weights import read_json as _read_json
 from patching.xray_io import read_xray, resize_xray
 
@@ -112,15 +111,7 @@ def load_generator(path: str | os.PathLike, device: str | torch.device = "cpu") 
         raise InputError(where, f"is a checkpoint of task {meta.get('task')!r}, not of a GAN baseline "
                                 f"({', '.join(GAN_TASKS)})")
     cfg = _build_config(task, run_cfg, where)
-    if kind == "export":
-        entry = (doc.get("models") or {}).get("generator")
-        if entry is None:
-            raise InputError(where / "config.json", "lists no generator weights")
-        state, weights = _load_tensors(where / entry["file"]), str(entry.get("weights", "raw"))
-    elif (where / "ema" / "generator.safetensors").is_file():
-        state, weights = _load_tensors(where / "ema" / "generator.safetensors"), "ema"
-    else:
-        state, weights = _load_tensors(where / "models" / "generator.safetensors"), "raw"
+    state, weights = model_state(kind, where, "generator", doc if kind == "export" else None)
     generator = GAN_TASKS[task][2](cfg.model)
     try:
         generator.load_state_dict(state)

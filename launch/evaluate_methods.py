@@ -20,6 +20,7 @@ the per-case ``resampled`` flag say so.
 
 from __future__ import annotations
 
+import abc
 import zlib
 from collections import Counter
 from collections.abc import Iterator
@@ -52,7 +53,7 @@ def to_shape(volume: np.ndarray, shape) -> np.ndarray:
     return torch.nn.functional.interpolate(t, size=shape, mode="trilinear", align_corners=False)[0, 0].numpy()
 
 
-class Method:
+class Method(abc.ABC):
     """One row of the evaluation (see the module docstring)."""
 
     name: str
@@ -61,9 +62,9 @@ class Method:
     source: str = ""
     info: dict
 
+    @abc.abstractmethod
     def reconstruct(self, case: Case, *, seed: int = 0, num_samples: int = 1) -> np.ndarray:
         """``(K, X, Y, Z)`` HU at ``case.shape`` (K = 1 for deterministic methods)."""
-        raise NotImplementedError
 
     def samples(self, case: Case, *, seed: int = 0, num_samples: int = 1) -> Iterator[np.ndarray]:
         """The volumes of :meth:`reconstruct` one at a time (so K samples need not be held at once)."""

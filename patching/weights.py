@@ -86,3 +86,16 @@ def describe(path: str | os.PathLike) -> dict:
     """The run description of a checkpoint (``meta.json``) or export (``config.json``)."""
     kind, where = resolve_weights(path)
     return read_json(where / ("config.json" if kind == "export" else "meta.json"))
+
+
+def model_state(kind: str, where: Path, name: str, export_doc: dict | None = None) -> tuple[dict[str, torch.Tensor], str]:
+    """``(state_dict, "ema" | "raw")`` of model ``name`` from a resolved checkpoint or export
+    (:func:`resolve_weights`): the EMA weights when the run kept them, else the raw ones."""
+    if kind == "export":
+        entry = ((export_doc if export_doc is not None else read_json(where / "config.json")).get("models") or {}).get(name)
+        if entry is None:
+            raise InputError(where / "config.json", f"lists no {name} weights")
+        return load_tensors(where / entry["file"]), str(entry.get("weights", "raw"))
+    if (where / "ema" / f"{name}.safetensors").is_file():
+        return load_tensors(where / "ema" / f"{name}.safetensors"), "ema"
+    return load_tensors(where / "models" / f"{name}.safetensors"), "raw"

@@ -8,30 +8,20 @@ run config. Sizes and their sources are listed in ``docs/stage1_vqgan.md``.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
+from patching.checks import is_finite as _finite
+from patching.checks import is_pos_int as _pos_int
+from patching.checks import is_pos_ints
+from patching.checks import need as _need
 from patching.errors import InputError
 
 PADDING_MODES = ("zeros", "replicate")
 DISC_NORMS = ("group", "none")
 
 
-def _need(ok: bool, key: str, what: str, value) -> None:
-    if not ok:
-        raise InputError(key, f"{what}, got {value!r}")
-
-
-def _pos_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
-
-
-def _finite(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def _triple(value) -> bool:
-    return isinstance(value, tuple) and len(value) == 3 and all(_pos_int(v) for v in value)
+    return is_pos_ints(value, 3)
 
 
 @dataclass

@@ -8,9 +8,12 @@ are functions returning a :class:`Stage2Config`; sizes and their sources are in
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
+from patching.checks import is_finite as _finite
+from patching.checks import is_pos_int as _pos_int
+from patching.checks import is_pos_ints as _ints
+from patching.checks import need as _need
 from patching.errors import InputError
 
 VIEWS = ("pa", "lateral")
@@ -18,23 +21,6 @@ ATTENTION_BACKENDS = ("sdpa", "xformers")
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 SAMPLERS = ("ddim", "dpmsolver++")
-
-
-def _need(ok: bool, key: str, what: str, value) -> None:
-    if not ok:
-        raise InputError(key, f"{what}, got {value!r}")
-
-
-def _pos_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
-
-
-def _finite(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _ints(value, n: int | None = None) -> bool:
-    return isinstance(value, tuple) and (n is None or len(value) == n) and all(_pos_int(v) for v in value)
 
 
 @dataclass

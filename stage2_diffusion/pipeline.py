@@ -45,9 +45,8 @@ from patching.errors import InputError
 from patching.preview import save_triplanar_png
 from patching.spec import centred_affine
 from patching.volume_io import write_nifti, write_zarr
-from patching.weights import load_tensors as _load_tensors
+from patching.weights import model_state, resolve_weights
 from patching.weights import read_json as _read_json
-from patching.weights import resolve_weights
 from patching.xray_io import read_xray, resize_xray
 from stage1_vqgan.codec import decode_latent
 from stage1_vqgan.encode import load_vqgan
@@ -103,7 +102,6 @@ def load_diffusion(checkpoint: str | Path, device: str | torch.device = "cpu") -
     if kind == "export":
         doc = _read_json(where / "config.json")
         meta, run_cfg = doc, doc.get("config") or {}
-        entry = (doc.get("models") or {}).get("diffusion")
         extra_path = where / "extra.json" if doc.get("extra") else None
     else:
         meta = _read_json(where / "meta.json")
@@ -114,14 +112,7 @@ def load_diffusion(checkpoint: str | Path, device: str | torch.device = "cpu") -
     if meta.get("task") != TASK_NAME and meta.get("task_ref") != TASK_REF:
         raise InputError(where, f"is a checkpoint of task {meta.get('task')!r}, not of the diffusion model")
     cfg = _build_config(run_cfg, where)
-    if kind == "export":
-        if entry is None:
-            raise InputError(where / "config.json", "lists no diffusion weights")
-        state, weights = _load_tensors(where / entry["file"]), str(entry.get("weights", "raw"))
-    elif (where / "ema" / "diffusion.safetensors").is_file():
-        state, weights = _load_tensors(where / "ema" / "diffusion.safetensors"), "ema"
-    else:
-        state, weights = _load_tensors(where / "models" / "diffusion.safetensors"), "raw"
+    state, weights = model_state(kind, where, "diffusion", doc if kind == "export" else None)
     extra = _plain(_read_json(extra_path).get("state") or {}) if extra_path is not None and extra_path.is_file() else {}
     if extra.get("latent_scale_factor") is None or not isinstance(extra.get("vqgan"), dict):
         raise InputError(where, "holds no latent scale factor / VQ-GAN reference (extra state); "
