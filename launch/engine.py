@@ -58,10 +58,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from patching.errors import InputError
-
 from . import checkpoint as ck
 from .config import config_to_dict
+from .context import StepContext
+from .ema import EMA  # noqa: F401  (part of the engine's API)
 from .signals import ControlGroup, StopRequest, ignore_stop_signals, stop_signals_blocked
 
 
@@ -74,109 +74,6 @@ class EngineState:
     position: int = 0  # samples consumed globally in this epoch
     nonfinite_streak: int = 0  # consecutive steps with a skipped (non-finite) update
     nonfinite_total: int = 0
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if hasattr(t, "to_local") else t
-
-
-class EMA:
-    """Exponential moving average of a model's floating-point parameters.
-
-    Kept as tensors shaped like the live parameters (FSDP shards stay shards), updated with
-    one ``_foreach_lerp_`` after each applied optimizer step: no host sync. Buffers are not
-    averaged (an EMA codebook is already an average); saved EMA state dicts carry the model's
-    live buffers so they load as a whole model.
-    """
-
-    def __init__(self, model: nn.Module, decay: float):
-        self.decay = decay
-        named = [(n, p) for n, p in model.named_parameters() if p.dtype.is_floating_point]
-        self.names = [n for n, _ in named]
-        self.params = [p for _, p in named]
-        with torch.no_grad():
-            self.shadow = [p.detach().clone() for p in self.params]
-
-    @torch.no_grad()
-    def update(self) -> None:
-        torch._foreach_lerp_([_local(s) for s in self.shadow], [_local(p) for p in self.params], 1.0 - self.decay)
-
-    def full_state(self) -> dict[str, torch.Tensor]:
-        """Full CPU tensors by parameter name; a collective for sharded parameters (all ranks call)."""
-        out = {}
-        for n, s in zip(self.names, self.shadow, strict=True):
-            full = s.full_tensor() if hasattr(s, "full_tensor") else s
-            out[n] = full.detach().cpu()
-        return out
-
-    @torch.no_grad()
-    def load_full(self, state: dict[str, torch.Tensor]) -> None:
-        missing = [n for n in self.names if n not in state]
-        if missing:
-            raise InputError(None, f"EMA state lacks {missing[:5]}")
-        for n, s in zip(self.names, self.shadow, strict=True):
-            full = state[n]
-            if hasattr(s, "device_mesh"):  # DTensor: cut this rank's shard locally
-                from torch.distributed.tensor import distribute_tensor
-
-                full = distribute_tensor(full.to(s.device), s.device_mesh, s.placements, src_data_rank=None)
-            _local(s).copy_(_local(full))
-
-    @contextlib.contextmanager
-    def swapped_in(self):
-        """Temporarily put the EMA weights into the live parameters."""
-        with torch.no_grad():
-            saved = [_local(p).clone() for p in self.params]
-            for p, s in zip(self.params, self.shadow, strict=True):
-                _local(p).copy_(_local(s))
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for p, v in zip(self.params, saved, strict=True):
-                    _local(p).copy_(v)
-
-
-class StepContext:
-    """What ``train_step`` and ``validate`` get besides the batch and the models."""
-
-    def __init__(self, trainer: Trainer):
-        self._t = trainer
-        self.device = trainer.device
-        self.rank = trainer.rank
-        self.world_size = trainer.world_size
-        self.generator = trainer.generator
-        self.grad_accum = trainer.cfg.train.grad_accum
-        self.micro_step = 0
-
-    @property
-    def sync_gradients(self) -> bool:
-        """True on the last micro-batch of an accumulation window (optimizers step in backward)."""
-        return self._t.accelerator.sync_gradients
-
-    def backward(self, loss: torch.Tensor, optimizer: str) -> None:
-        self._t._backward(loss, optimizer)
-
-    @contextlib.contextmanager
-    def frozen(self, *model_names: str):
-        """Forward passes inside produce no gradients for these models' weights."""
-        with self._t._frozen(model_names):
-            yield
-
-    @contextlib.contextmanager
-    def ema_weights(self):
-        """The EMA weights in the live models while the block runs (validation, samples)."""
-        with contextlib.ExitStack() as stack:
-            for ema in self._t.ema.values():
-                stack.enter_context(ema.swapped_in())
-            yield
-
-    def unwrap(self, model_name: str) -> nn.Module:
-        """The inner module (no DDP/DeepSpeed wrapper): for attributes and no-grad calls."""
-        return self._t.unwrapped[model_name]
-
-    def autocast(self):
-        return self._t.accelerator.autocast()
 
 
 def resolve_mixed_precision(value: str) -> str:
