@@ -27,7 +27,6 @@ import shutil
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -35,7 +34,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import record  # noqa: E402
+from benchmarks._common import record, timeit  # noqa: E402
 from launch import checkpoint as ck  # noqa: E402
 from launch.signals import ControlGroup  # noqa: E402
 
@@ -65,15 +64,6 @@ def fsync_file(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def median_time(fn, repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def main() -> int:
@@ -123,10 +113,10 @@ def main() -> int:
         times: dict[str, list[float]] = {k: [] for k in ("ours_save_s", "torch_save_s", "ours_load_s", "torch_load_s")}
         for _ in range(args.repeat):
             for key, fn in (("ours_save_s", ours_save), ("torch_save_s", torch_save)):
-                times[key].append(median_time(fn, 1))
+                times[key].append(timeit(fn, repeat=1, warmup=0))
         for _ in range(args.repeat):
             for key, fn in (("ours_load_s", ours_load), ("torch_load_s", torch_load)):
-                times[key].append(median_time(fn, 1))
+                times[key].append(timeit(fn, repeat=1, warmup=0))
         ours_load()  # the last load is ours: check it
         figures = {"num_params": num_params, "repeat": args.repeat}
         figures.update({k: statistics.median(v) for k, v in times.items()})

@@ -233,6 +233,20 @@ def metrics(out: Path) -> dict[int, dict]:
     return {rec["step"]: rec for rec in _jsonl(Path(out) / "metrics.jsonl")}
 
 
+def assert_same_checkpoint(a: Path, b: Path) -> None:
+    """Every safetensors file of two checkpoints (models, EMA, optimizers; not the per-rank RNG
+    files) holds bit-identical tensors."""
+    from safetensors.torch import load_file
+
+    files = sorted(p.relative_to(a) for p in a.rglob("*.safetensors") if not p.name.startswith("rank-"))
+    assert files and files == sorted(p.relative_to(b) for p in b.rglob("*.safetensors") if not p.name.startswith("rank-"))
+    for rel in files:
+        ta, tb = load_file(a / rel), load_file(b / rel)
+        assert ta.keys() == tb.keys(), rel
+        for k in ta:
+            assert torch.equal(ta[k], tb[k]), f"{rel}: {k} differs"
+
+
 def trace(out: Path, rank: int = 0) -> list[dict]:
     return _jsonl(Path(out) / "trace" / f"rank-{rank}.jsonl")
 

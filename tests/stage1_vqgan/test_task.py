@@ -20,7 +20,7 @@ from patching.errors import InputError
 from patching.store import Store
 from patching.synth_store import synthesize
 from stage1_vqgan.task import VQGANTask
-from tests.launch.toy_task import REPO, child_env, launch_cmd
+from tests.launch.toy_task import REPO, assert_same_checkpoint, child_env, launch_cmd, metrics
 
 N = 3  # steps before the resume; the runs go to 2N
 # A tiny model: 8/8/16 channels, ×4, 32 codes of dim 4, 16³ tiles, disc active from step 2
@@ -52,21 +52,6 @@ def train_cmd(store: Path, out: Path, steps: int, *, nproc: int = 1, resume: str
 def run_ok(cmd: list[str], timeout: int = 300) -> None:
     proc = subprocess.run(cmd, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-4000:]
-
-
-def metrics(out: Path) -> dict[int, dict]:
-    return {r["step"]: r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
-
-
-def assert_same_checkpoint(a: Path, b: Path) -> None:
-    """Models, EMA and optimizer states bit-identical."""
-    files = sorted(p.relative_to(a) for p in a.rglob("*.safetensors") if not p.name.startswith("rank-"))
-    assert files and files == sorted(p.relative_to(b) for p in b.rglob("*.safetensors") if not p.name.startswith("rank-"))
-    for rel in files:
-        ta, tb = load_file(a / rel), load_file(b / rel)
-        assert ta.keys() == tb.keys(), rel
-        for k in ta:
-            assert torch.equal(ta[k], tb[k]), f"{rel}: {k} differs"
 
 
 # --- presets and metrics --------------------------------------------------------------------------

@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from launch.presets import data_spec
 from launch.train import build_run_config
@@ -23,7 +22,7 @@ from patching.store import Store
 from patching.synth_store import synthesize
 from stage2_diffusion.data import LatentDataset, collate
 from stage2_diffusion.task import DiffusionTask
-from tests.launch.toy_task import REPO, child_env, launch_cmd
+from tests.launch.toy_task import REPO, assert_same_checkpoint, child_env, launch_cmd, metrics
 
 N = 2  # steps before the resume; runs go to 2N
 VQ_TINY = ("model.base_channels=8", "model.channel_mults=1,1,2", "model.attn_mid=false", "model.latent_dim=4",
@@ -71,10 +70,6 @@ def train_cmd(store: Path, out: Path, steps: int, resume: str | None = None, *, 
     return launch_cmd(args, nproc)
 
 
-def metrics(out: Path) -> dict[int, dict]:
-    return {r["step"]: r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
-
-
 def tb_values(out: Path) -> tuple[dict[str, dict[int, float]], dict[str, list[int]]]:
     """``({scalar tag: {step: value}}, {image tag: [steps]})`` from a run's TensorBoard files."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -98,16 +93,6 @@ def trained_run(tmp_path_factory) -> Path:
     if not (out / "checkpoints" / f"step-{2 * N}" / "meta.json").exists():
         run_ok(train_cmd(store, out, 2 * N))
     return out
-
-
-def assert_same_checkpoint(a: Path, b: Path) -> None:
-    files = sorted(p.relative_to(a) for p in a.rglob("*.safetensors") if not p.name.startswith("rank-"))
-    assert files and files == sorted(p.relative_to(b) for p in b.rglob("*.safetensors") if not p.name.startswith("rank-"))
-    for rel in files:
-        ta, tb = load_file(a / rel), load_file(b / rel)
-        assert ta.keys() == tb.keys(), rel
-        for k in ta:
-            assert torch.equal(ta[k], tb[k]), f"{rel}: {k} differs"
 
 
 # --- config and dataset ----------------------------------------------------------------------------
