@@ -70,9 +70,11 @@ class Method(abc.ABC):
         """The volumes of :meth:`reconstruct` one at a time (so K samples need not be held at once)."""
         yield from self.reconstruct(case, seed=seed, num_samples=num_samples)
 
+    grid: tuple[int, int, int]  # the method's output grid
+
     def resampled(self, case: Case) -> bool:
         """Whether this method's output for ``case`` was interpolated to the case's grid."""
-        return False
+        return tuple(case.shape) != tuple(self.grid)
 
 
 class GanMethod(Method):
@@ -100,9 +102,6 @@ class GanMethod(Method):
 
         xrays = {v: case.xray(v) for v in self.views}
         return reconstruct_hu(self.loaded, xrays, VolumeSpec(case.shape, case.spacing_mm, self.window))[None]
-
-    def resampled(self, case: Case) -> bool:
-        return tuple(case.shape) != self.grid
 
 
 class DiffusionMethod(Method):
@@ -135,9 +134,6 @@ class DiffusionMethod(Method):
         for vol in self.rec.iter_samples(xrays, seed=case_seed(seed, case.case_id), num_samples=num_samples):
             yield vol if tuple(vol.shape) == tuple(case.shape) else to_shape(vol, case.shape)
 
-    def resampled(self, case: Case) -> bool:
-        return tuple(case.shape) != self.grid
-
 
 class MeanVolumeMethod(Method):
     """The voxel-wise mean of the training CTs (clipped to the HU window), whatever the X-rays."""
@@ -146,15 +142,13 @@ class MeanVolumeMethod(Method):
     stochastic = False
 
     def __init__(self, mean: np.ndarray, info: dict):
-        self.name, self.source, self.mean = MEAN_BASELINE, "train split", mean
+        self.name, self.source, self.mean, self.grid = MEAN_BASELINE, "train split", mean, tuple(mean.shape)
         self.info = {"kind": self.kind, "source": self.source, "output_grid": list(mean.shape), "stochastic": False,
                      **info}
 
     def reconstruct(self, case: Case, *, seed: int = 0, num_samples: int = 1) -> np.ndarray:
         return to_shape(self.mean, case.shape)[None]
 
-    def resampled(self, case: Case) -> bool:
-        return tuple(case.shape) != self.mean.shape
 
 
 def load_method(name: str, path: str | Path, *, device: str | torch.device = "cpu", steps: int | None = None,
