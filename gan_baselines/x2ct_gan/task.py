@@ -75,7 +75,7 @@ class X2CTGANTask:
         """The paper's optimiser rate and batch, no clipping; a short EMA for CPU demos."""
         out: dict[str, Any] = {"lr": self.default_config(preset).optim.lr, "batch_size": 1, "clip_grad": 0.0}
         if preset == "cpu-demo":  # a few hundred steps: a 0.999 EMA would still be near the init
-            out.update(ema_decay=0.99, val_every=100)
+            out.update(ema_decay=0.99, val_every=100, ema_warmup=True)  # warm-up: as every cpu-demo model
         else:  # the papers train with batch 1 and no accumulation
             out.update(grad_accum=1, val_every=2000)
         return out
