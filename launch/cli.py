@@ -96,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2,
                    help="threads of the diffusion training and of encoding/sampling/evaluation (default 2; the "
-                        "VQ-GAN and X2CT-GAN always train on one thread each, side by side)")
+                        "VQ-GAN and X2CT-GAN always train on one thread each, side by side). Another value "
+                        "changes the table within noise, not bit for bit")
     p.add_argument("--num-samples", type=int, default=4,
                    help="diffusion samples per test case: the table shows sample 1 and their mean (default 4)")
     p.add_argument("--steps-scale", type=float, default=1.0,

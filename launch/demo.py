@@ -9,7 +9,7 @@ on 2 idle cores.
    thread each, for a fixed number of optimizer steps (:data:`STEPS`).
 3. Encode every case's latent with the VQ-GAN (``xray2ct encode``).
 4. Train the ``cpu-demo`` latent diffusion model for its fixed number of steps on ``--threads``
-   threads (default 2).
+   threads (default 2, whatever the machine).
 5. Sample the first held-out case from its X-ray PNG files with both models (NIfTI, Zarr,
    tri-planar PNG each; ``xray2ct sample``).
 6. Evaluate every method and the mean training volume on the test split (``xray2ct
@@ -19,11 +19,13 @@ on 2 idle cores.
 Reproducibility: every training has a step budget and a fixed seed, and the VQ-GAN and X2CT-GAN
 always run on exactly one thread, so the table does not depend on how fast or how busy the
 machine is (``--minutes`` adds an optional wall-clock cap per stage; a run it stops early is no
-longer reproducible, and ``demo.json`` records the steps reached). The diffusion stage's thread
-count does not change its numbers (tested: the same table on 1 and 2 threads). One thread per
-training process, with ``OMP_WAIT_POLICY=PASSIVE``, is also what keeps a competing program from
-costing more than its share: spinning OpenMP threads that wait for a descheduled sibling
-(``benchmarks/bench_threads.py``).
+longer reproducible, and ``demo.json`` records the steps reached). Thread counts are fixed per
+stage, never taken from the machine or the caller's environment (tested: the same table from a
+1-thread and a 3-thread caller): a different ``--threads`` changes the diffusion stage's
+floating-point reduction order (its gradient norm differs in the 7th digit after 3 steps), so
+its table agrees within noise, not bit for bit. Training processes run with
+``OMP_WAIT_POLICY=PASSIVE`` so that OpenMP threads waiting at a barrier for a descheduled sibling
+sleep instead of spinning on the core a competing program needs (``benchmarks/bench_threads.py``).
 
 Trainings run as ``python -m launch.train`` subprocesses (their logs in ``DIR/logs``) with the
 same flags a user would type; a second ``demo`` into the same directory re-uses finished
