@@ -79,7 +79,8 @@ class ReconstructorMethod(Method):
         return np.stack(list(self.samples(case, seed=seed, num_samples=num_samples)))
 
     def samples(self, case: Case, *, seed: int = 0, num_samples: int = 1) -> Iterator[np.ndarray]:
-        present = [v for v in self.rec.views if v in case.views()]
+        stored = case.views()
+        present = [v for v in self.rec.views if v in self.rec.required_views or v in stored]
         if not present:
             raise InputError(case.path, f"has none of the X-ray views the model takes ({', '.join(self.rec.views)})")
         seed = case_seed(seed, case.case_id) if self.stochastic else 0
