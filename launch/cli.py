@@ -21,7 +21,7 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--store", required=True)
     p.add_argument("--num", type=int, required=True, help="number of cases")
     p.add_argument("--shape", type=int, nargs=3, metavar=("X", "Y", "Z"), default=None,
-                   help="voxels (default: the preset's shape)")
+                   help="voxels (default: the preset's shape); the voxel size is the preset's spacing")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--emboli", type=float, default=0.0, metavar="P", help="probability a case has emboli")
     p.add_argument("--preset", default="cpu-demo")
@@ -34,6 +34,11 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--store", required=True)
     p.add_argument("--preset", default="ctpa-512")
     p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--split", choices=["train", "val", "test"], default=None,
+                   help="split of the cases --splits does not list (default: a stable hash of the case id)")
+    p.add_argument("--splits", metavar="FILE", default=None,
+                   help="case id or source file name -> split: 'NAME SPLIT' lines, or one NAME per line in a "
+                        "file named train/val/test.txt (X2CT-GAN's LIDC lists)")
 
     p = dsub.add_parser("drr", help="render X-rays (DRRs) for a store, or for one CT file")
     p.add_argument("--store")

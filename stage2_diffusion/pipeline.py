@@ -87,7 +87,9 @@ def _build_config(run_cfg: dict, where: Path) -> Stage2Config:
         for name, cls in _SECTIONS.items():
             known = {f.name for f in fields(cls)}
             kwargs[name] = cls(**{k: v for k, v in (run_cfg.get(name) or {}).items() if k in known})
-        return Stage2Config(**kwargs, latent_shape=tuple(run_cfg.get("latent_shape") or (16, 16, 16)))
+        if not run_cfg.get("latent_shape"):
+            raise InputError(where, "records no latent_shape in its config (not written by `xray2ct train diffusion`?)")
+        return Stage2Config(**kwargs, latent_shape=tuple(run_cfg["latent_shape"]))
     except (TypeError, InputError) as err:
         raise InputError(where, f"saved config does not fit the diffusion model: {err}") from None
 
