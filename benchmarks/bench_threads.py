@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks._common import record  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-SETTINGS = [(1, "PASSIVE"), (2, "PASSIVE"), (2, "ACTIVE")]
+SETTINGS = ["1:PASSIVE", "2:PASSIVE", "2:ACTIVE", "2:default"]  # threads:OMP_WAIT_POLICY (default: unset)
 
 
 def worker(steps: int) -> None:
@@ -71,8 +71,10 @@ def worker(steps: int) -> None:
 
 
 def measure(threads: int, policy: str, steps: int) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), OMP_WAIT_POLICY=policy,
-               PYTHONPATH=str(REPO))
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONPATH=str(REPO))
+    env.pop("OMP_WAIT_POLICY", None)
+    if policy != "default":  # default: the OpenMP runtime's own (libgomp spins a while, then sleeps)
+        env["OMP_WAIT_POLICY"] = policy
     out = subprocess.run([sys.executable, __file__, "--worker", "--steps", str(steps)], env=env, cwd=REPO,
                          check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
@@ -88,6 +90,9 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--competitors", type=int, default=1)
+    p.add_argument("--settings", nargs="+", default=SETTINGS, metavar="THREADS:POLICY",
+                   help=f"settings to measure (default: {' '.join(SETTINGS)})")
+    p.add_argument("--name", default="threads", help="results file benchmarks/results/NAME-cpu.json")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--no-record", action="store_true")
     args = p.parse_args()
@@ -95,9 +100,10 @@ def main() -> int:
         worker(args.steps)
         return 0
     load_before = os.getloadavg()
-    runs: dict[str, dict[str, list]] = {f"{t}t-{pol}": {"alone": [], "competed": []} for t, pol in SETTINGS}
+    settings = [(int(x.split(":")[0]), x.split(":")[1]) for x in args.settings]
+    runs: dict[str, dict[str, list]] = {f"{t}t-{pol}": {"alone": [], "competed": []} for t, pol in settings}
     for _ in range(args.rounds):
-        for t, pol in SETTINGS:
+        for t, pol in settings:
             key = f"{t}t-{pol}"
             runs[key]["alone"].append(measure(t, pol, args.steps))
             procs = busy_loops(args.competitors)
@@ -111,17 +117,19 @@ def main() -> int:
                      "loadavg_before": [round(v, 2) for v in load_before],
                      "loadavg_after": [round(v, 2) for v in os.getloadavg()],
                      "note": "machine shared with other work: absolute wall times are inflated; compare ratios"}
-    print(f"{'setting':14s} {'alone s/step':>13s} {'competed s/step':>16s} {'slowdown':>9s} {'CPU s/step':>11s}")
+    print(f"{'setting':14s} {'alone s/step':>13s} {'competed s/step':>16s} {'slowdown':>9s} {'CPU s/step':>11s} "
+          f"{'competed':>11s}")
     for key, r in runs.items():
         alone = statistics.median(x["wall_per_step"] for x in r["alone"])
         comp = statistics.median(x["wall_per_step"] for x in r["competed"])
         cpu = statistics.median(x["cpu_per_step"] for x in r["alone"])
+        cpu_comp = statistics.median(x["cpu_per_step"] for x in r["competed"])
         figures[key] = {"wall_per_step_alone": round(alone, 4), "wall_per_step_competed": round(comp, 4),
                         "slowdown": round(comp / alone, 3), "cpu_per_step_alone": round(cpu, 4),
-                        "raw": r}
-        print(f"{key:14s} {alone:13.3f} {comp:16.3f} {comp / alone:8.2f}× {cpu:11.3f}")
+                        "cpu_per_step_competed": round(cpu_comp, 4), "raw": r}
+        print(f"{key:14s} {alone:13.3f} {comp:16.3f} {comp / alone:8.2f}× {cpu:11.3f} {cpu_comp:11.3f}")
     if not args.no_record:
-        print("recorded", record("threads", figures))
+        print("recorded", record(args.name, figures))
     return 0
 
 
