@@ -21,7 +21,7 @@ def _synth(args) -> int:
     store = Store(args.store, create=True)
     workers = args.workers or cpu_count()
     written = synthesize(store, args.num, shape, seed=args.seed, emboli=args.emboli, views=args.views,
-                         xray_size=args.xray_size, workers=workers)
+                         xray_size=args.xray_size, workers=workers, spacing_mm=spec.spacing_mm)
     print(f"{len(written)} phantom(s) written, {args.num - len(written)} already present -> {store.path}")
     return 0
 
@@ -29,16 +29,22 @@ def _synth(args) -> int:
 def _ingest(args) -> int:
     from launch.presets import data_spec
     from patching.ingest import ingest
+    from patching.splits import SplitAssignment, read_splits
 
     spec = data_spec(args.preset)
     for src in args.sources:
         if not os.path.exists(src):
             raise InputError(src, "no such file or directory")
+    splits = SplitAssignment(read_splits(args.splits) if args.splits else None, args.split)
     store = Store(args.store, create=True)
-    report = ingest(args.sources, store, spec, workers=max(1, args.workers))
+    report = ingest(args.sources, store, spec, workers=max(1, args.workers), splits=splits)
     for path, problem in report.failed:
         print(f"error: {path}: {problem}", file=sys.stderr)
-    print(f"ingested {len(report.ingested)}, skipped {len(report.skipped)} (already present), "
+    if report.unmatched:
+        shown = ", ".join(report.unmatched[:5]) + (" ..." if len(report.unmatched) > 5 else "")
+        print(f"warning: {args.splits}: {len(report.unmatched)} name(s) match no case: {shown}", file=sys.stderr)
+    moved = f", moved {len(report.resplit)} present case(s) to the stated split" if report.resplit else ""
+    print(f"ingested {len(report.ingested)}, skipped {len(report.skipped)} (already present){moved}, "
           f"failed {len(report.failed)} -> {store.path}")
     return 2 if report.failed else 0
 
@@ -95,15 +101,15 @@ def write_image(out: str, img: np.ndarray) -> None:
 
 
 def inspect_table(store: Store) -> str:
-    rows = [("case", "shape", "spacing mm", "HU range", "views", "split", "labels", "status")]
+    rows = [("case", "source", "shape", "spacing mm", "HU range", "views", "split", "labels", "status")]
     for cid in store.case_ids():
         c = store.case(cid)
         labels = ",".join(f"{k}={v}" for k, v in c.labels.items() if k in ("embolus",)) or "-"
-        rows.append((cid, "x".join(map(str, c.shape)), "x".join(f"{s:g}" for s in c.spacing_mm),
+        rows.append((cid, str(c.attrs.get("source") or "-"), "x".join(map(str, c.shape)), "x".join(f"{s:g}" for s in c.spacing_mm),
                      f"{c.attrs['hu_min']}..{c.attrs['hu_max']}", ",".join(c.views()) or "-", c.split,
                      labels, "complete" + (" +latent" if c.has_latent else "")))
     for p in store.incomplete():
-        rows.append((p.name, "?", "?", "?", "?", "?", "?", "incomplete"))
+        rows.append((p.name, "?", "?", "?", "?", "?", "?", "?", "incomplete"))
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(str(v).ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))

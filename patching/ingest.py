@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 from .dicom_series import SliceHeader, is_dicom_file, load_dicom_series, read_header, series_folder
 from .errors import InputError
 from .spec import AIR_HU, VolumeSpec
+from .splits import SplitAssignment
 from .store import Store, sanitize_case_id
 
 __all__ = [
@@ -56,6 +57,8 @@ class IngestReport:
     ingested: list[str] = field(default_factory=list)                # case ids written
     skipped: list[str] = field(default_factory=list)                 # already complete in the store
     failed: list[tuple[str, str]] = field(default_factory=list)      # (file or folder, one-line problem)
+    resplit: list[str] = field(default_factory=list)                 # present cases moved to the stated split
+    unmatched: list[str] = field(default_factory=list)               # names of --splits that matched no case
 
 
 # ---- reading -----------------------------------------------------------------------------------
@@ -282,7 +285,15 @@ def discover(sources: Sequence[str | os.PathLike], *, executor: Executor | None 
 
 # ---- ingest ---------------------------------------------------------------------------------------
 
-def _ingest_job(job: _Job, store_path: str, spec: VolumeSpec) -> tuple[str, str, str]:
+def job_names(job: _Job) -> tuple[str, ...]:
+    """The names a splits file may use for a case: its id, its source file name (and stem), the
+    folder of its DICOM series (matched in memory only, never stored)."""
+    if job.kind == "nifti":
+        return (job.case_id, job.where.name, _nifti_stem(job.where))
+    return (job.case_id, job.where.name)
+
+
+def _ingest_job(job: _Job, store_path: str, spec: VolumeSpec, split: str | None = None) -> tuple[str, str, str]:
     """Read, resample and store one case: ``(status, case_id or path, problem)``.
 
     Runs in a worker process; it holds one case in memory at a time.
@@ -298,7 +309,7 @@ def _ingest_job(job: _Job, store_path: str, spec: VolumeSpec) -> tuple[str, str,
         out = resample_to_spec(hu, spacing, spec)
         out_affine = resampled_affine(affine, hu.shape, spacing, spec)
         del hu
-        written = store.write_case(job.case_id, out, spec.spacing_mm, out_affine, source=job.source, split=None)
+        written = store.write_case(job.case_id, out, spec.spacing_mm, out_affine, source=job.source, split=split)
         return ("ingested" if written else "skipped"), job.case_id, ""
     except InputError as e:
         known = {str(job.where), *map(str, job.files)}   # name the file when the error does
@@ -312,8 +323,12 @@ def _ingest_job(job: _Job, store_path: str, spec: VolumeSpec) -> tuple[str, str,
 
 
 def ingest(sources: Sequence[str | os.PathLike], store: Store, spec: VolumeSpec, *,
-           workers: int = 1, progress: bool = True) -> IngestReport:
+           workers: int = 1, progress: bool = True, splits: SplitAssignment | None = None) -> IngestReport:
     """Ingest NIfTI files and DICOM series from ``sources`` into ``store`` on ``spec``'s grid.
+
+    ``splits`` (:class:`patching.splits.SplitAssignment`) gives each case its split by name;
+    cases already present are moved to a split stated for them (:attr:`IngestReport.resplit`).
+    Without it, the store's hash of the case id decides.
 
     ``workers > 1`` reads, resamples and writes cases in that many processes (forkserver: a
     clean interpreter, safe next to the threads of zarr and tqdm); ``workers=1`` runs in this
@@ -331,9 +346,17 @@ def ingest(sources: Sequence[str | os.PathLike], store: Store, spec: VolumeSpec,
     try:
         jobs, failed = discover(sources, executor=executor, progress=progress)
         report.failed.extend(failed)
-        todo = []
+        todo, split_of = [], {}
         for job in jobs:  # skip finished cases before any pixel data is read
-            (report.skipped.append(job.case_id) if store.has_case(job.case_id) else todo.append(job))
+            split_of[job.case_id] = splits.split_of(job_names(job)) if splits is not None else None
+            if not store.has_case(job.case_id):
+                todo.append(job)
+                continue
+            report.skipped.append(job.case_id)
+            if split_of[job.case_id] is not None and store.set_split(job.case_id, split_of[job.case_id]):
+                report.resplit.append(job.case_id)
+        if splits is not None:
+            report.unmatched = splits.unmatched()
         bar = tqdm(total=len(todo), desc="ingest", unit="case", disable=not progress)
 
         def record(result: tuple[str, str, str]) -> None:
@@ -346,9 +369,10 @@ def ingest(sources: Sequence[str | os.PathLike], store: Store, spec: VolumeSpec,
 
         if executor is None:
             for job in todo:
-                record(_ingest_job(job, str(store.path), spec))
+                record(_ingest_job(job, str(store.path), spec, split_of[job.case_id]))
         else:
-            futures = {executor.submit(_ingest_job, job, str(store.path), spec): job for job in todo}
+            futures = {executor.submit(_ingest_job, job, str(store.path), spec, split_of[job.case_id]): job
+                       for job in todo}
             for fut in as_completed(futures):
                 try:
                     record(fut.result())
@@ -361,4 +385,5 @@ def ingest(sources: Sequence[str | os.PathLike], store: Store, spec: VolumeSpec,
     report.ingested.sort()
     report.skipped.sort()
     report.failed.sort()
+    report.resplit.sort()
     return report

@@ -379,6 +379,21 @@ class Store:
         """Add or replace a case's stage-1 latent (C, x, y, z)."""
         self._publish_array(self.case(case_id), "latent", np.asarray(latent), attrs, chunks)
 
+    def set_split(self, case_id: str, split: str) -> bool:
+        """Move a finished case to another split (its attributes rewritten atomically).
+        Returns whether it changed."""
+        if split not in SPLITS:
+            raise InputError(case_id, f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+        case = self.case(case_id)
+        if case.split == split:
+            return False
+        with self.lock():
+            meta = case.path / "zarr.json"
+            doc = json.loads(meta.read_text())
+            doc.setdefault("attributes", {})["split"] = split
+            _write_json_atomic(meta, doc)
+        return True
+
     def update_store_attrs(self, **updates: Any) -> None:
         with self.lock():
             meta = self.path / "zarr.json"
