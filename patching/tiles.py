@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from . import hugepages
 from .errors import InputError
 from .grid import tile_starts
 from .spec import AIR_HU
@@ -274,12 +275,13 @@ class TileDataset(IterableDataset):
             self._arrays[ci] = case.ct
         stop = [min(s + t, n) for s, t, n in zip(start, self.tile, case.shape)]
         lo, hi = self.hu_window
-        out = torch.empty(self.tile, dtype=torch.float32)
+        out = hugepages.empty(self.tile)  # a fresh 32 MiB tile: 2 MiB pages fault in ~2× cheaper
         if tuple(b - a for a, b in zip(start, stop)) != self.tile:
             out.fill_(AIR_HU)
         self.chunk_cache.read(ci, self._arrays[ci], start, stop, out=out.numpy())
         scale = 2.0 / (hi - lo)
-        out.mul_(scale).add_(-1.0 - lo * scale)
+        # offset + scale · x in one pass (mul_ then add_ is two)
+        torch.add(torch.tensor(-1.0 - lo * scale, dtype=torch.float32), out, alpha=scale, out=out)
         if not (lo <= case.attrs.get("hu_min", lo - 1) and case.attrs.get("hu_max", hi + 1) <= hi and AIR_HU >= lo):
             out.clamp_(-1.0, 1.0)
         return out
