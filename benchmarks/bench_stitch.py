@@ -1,4 +1,4 @@
-"""Sliding-window stitching on the int16 chest phantom: ours (in memory, out of core) vs MONAI.
+"""Full-size data path: stitching (in memory, out of core) vs MONAI, and all tiles vs a nibabel load.
 
 The issue's setting: a 512×512×604 **int16** HU phantom (``benchmarks._common.phantom_volume``),
 HU window (-1024, 1600) → [-1, 1], a predictor that returns a copy of its (float) input, tiles
@@ -15,12 +15,18 @@ HU window (-1024, 1600) → [-1, 1], a predictor that returns a copy of its (flo
   :mod:`patching.store` stores CT (chunks 64×64×32, blosc-zstd with bitshuffle), the float32 result
   written to an uncompressed Zarr array with chunks ``OUT_CHUNKS`` (see ``docs/patching.md``).
 
+* ``nibabel`` vs ``tiles``: the same volume read whole from ``.nii.gz`` by nibabel, against one
+  pass over all its 54 grid tiles (256×256×128, overlap 0.25) through
+  :class:`patching.tiles.TileDataset` from a store (decoded, HU window applied).
+
 Each variant runs in its own child process (``--variant NAME``) so that its peak RSS
-(``VmHWM``) is its own; the parent runs the set ``--repeat`` times and prints, per variant,
-the median wall time, CPU time (user + system), peak RSS and RSS before the run (input loaded,
-libraries imported), their ratios to MONAI's medians, and the largest absolute difference to
-MONAI's result. Targets: time ≤ 0.5× MONAI, peak RSS ≤ 0.5× MONAI (in memory), out of core
-< 1.5 GB, max |diff| ≤ 1e-3.
+(``VmHWM``) is its own; the parent runs the set ``--repeat`` times, variants interleaved in the
+order given (``--variants``), and prints, per variant, the median wall time, CPU time (user +
+system), peak RSS and RSS before the run (input loaded, libraries imported), and the median over
+sets of its ratio to the baseline measured in the same set (MONAI for the stitchers, nibabel
+for the tiles), and the largest absolute difference to MONAI's result. Goals: out of core
+≤ 1× MONAI's time at ≤ 0.5× its peak RSS; in memory ≤ 0.5× its RSS; all tiles ≤ 1× the nibabel
+load; max |diff| ≤ 1e-3. On a shared machine compare ratios, not seconds.
 
 Run: ``.venv/bin/python benchmarks/bench_stitch.py [--repeat 3] [--no-record]`` (about a minute
 per repeat on 2 cores once the phantom is cached).

@@ -43,6 +43,7 @@ from .errors import InputError
 from .grid import tile_starts
 from .spec import AIR_HU
 from .store import Store
+from .zarr_direct import chunk_reader
 
 VIEW_ORDER = ("pa", "lateral")
 
@@ -112,6 +113,7 @@ class DecodedChunkCache:
         self.max_bytes = int(max_bytes)
         self.bytes = 0
         self._data: OrderedDict[tuple, np.ndarray] = OrderedDict()
+        self._readers: dict = {}  # key -> patching.zarr_direct.chunk_reader of its array (or None)
 
     def read(self, key, arr, start: Sequence[int], stop: Sequence[int], out: np.ndarray | None = None) -> np.ndarray:
         """``arr[start:stop]`` (per axis, inside the array) assembled from cached chunks, into
@@ -128,7 +130,15 @@ class DecodedChunkCache:
             out = np.empty([b - a for a, b in zip(start, stop)], dtype=arr.dtype)
         ranges = [range(a // c, (b - 1) // c + 1) for a, b, c in zip(start, stop, chunks)]
         missing = [idx for idx in itertools.product(*ranges) if (key, *idx) not in self._data]
-        if missing:
+        if key not in self._readers:
+            self._readers[key] = chunk_reader(arr)  # None: read through Zarr
+        reader = self._readers[key]
+        if missing and reader is not None:  # the store's layout: each chunk decoded on its own, no copy
+            for idx in missing:
+                block = reader(idx)
+                self._data[(key, *idx)] = block
+                self.bytes += block.nbytes
+        elif missing:
             # One Zarr call for the bounding box of the missing chunks: Zarr decodes the chunks of
             # one call concurrently, while a call per chunk costs ~2 ms of overhead each.
             lo_idx = [min(m[a] for m in missing) for a in range(len(chunks))]
