@@ -146,15 +146,21 @@ class Run:
         opts = task.build_optimizers(cfg, models)
         ctx = BenchContext(models, opts, self.device, self.amp)
         batch = {k: v.to(self.device) for k, v in batch.items()}
-        task.train_step(batch, models, 0, ctx)  # warm-up (allocator, cuDNN autotune)
+
+        def step(n: int):
+            # Accelerate runs a prepared model's forward under autocast with mixed precision: the same here.
+            with ctx.autocast():
+                task.train_step(batch, ctx.models, n, ctx)
+
+        step(0)  # warm-up (allocator, cuDNN autotune)
         self.sync()
         with FlopCounterMode(display=False) as counter:
-            task.train_step(batch, models, 1, ctx)
+            step(1)
         flops = counter.get_total_flops()
         self.sync()
         t0 = time.perf_counter()
-        for step in range(self.steps):
-            task.train_step(batch, models, 2 + step, ctx)
+        for n in range(self.steps):
+            step(2 + n)
         self.sync()
         step_s = (time.perf_counter() - t0) / self.steps
         out = {"step_s": round(step_s, 4), "flops_per_step": flops, "peak_gpu_gb": self.peak_gb(),
