@@ -218,31 +218,46 @@ def _square(hu: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
     return F.pad(hu, pad, value=-1000.0), pad
 
 
+def scan(hu: torch.Tensor, pixel_mm: float, dose: float, generators: Sequence[np.random.Generator],
+         scanner: LowDoseScanner = LowDoseScanner()) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
+    """Scan square HU slices ``B×N×N``: ``(angles, p, p̃)`` — the noiseless line integrals and the
+    ones a ``dose`` scan measures (``log(I₀·dose / N)``), each ``B×A×D`` float64."""
+    dose = check_dose(dose, "dose")
+    if hu.dim() != 3 or len(generators) != hu.shape[0]:
+        raise InputError("scan", f"needs B×N×N slices and B generators, got {tuple(hu.shape)}, {len(generators)}")
+    angles = scanner.angles(hu.shape[-1])
+    line = radon(hu_to_mu(hu.float(), scanner.mu_water), angles).double() * pixel_mm  # B×A×D, dimensionless
+    mean = (scanner.photons * dose * torch.exp(-line)).numpy()
+    counts = np.stack([g.poisson(m) + (g.normal(0.0, scanner.electronic_std, size=m.shape)
+                                       if scanner.electronic_std > 0 else 0.0)
+                       for g, m in zip(generators, mean, strict=True)])
+    noisy = torch.log(scanner.photons * dose / torch.from_numpy(counts.astype(np.float64)).clamp_(min=scanner.min_count))
+    return angles, line, noisy
+
+
+def reconstruct_hu(sinograms: torch.Tensor, angles: np.ndarray, size: int, pixel_mm: float,
+                   scanner: LowDoseScanner = LowDoseScanner()) -> torch.Tensor:
+    """FBP of line integrals ``B×A×D`` → HU ``B×size×size`` (``μ = FBP / pixel_mm``, then HU)."""
+    return mu_to_hu(fbp(sinograms.float(), angles, size) / pixel_mm, scanner.mu_water)
+
+
 def noise_hu(hu: torch.Tensor, pixel_mm: float, dose: float, generators: Sequence[np.random.Generator],
              scanner: LowDoseScanner = LowDoseScanner()) -> torch.Tensor:
     """The reconstructed noise (HU) that a ``dose`` scan adds to each slice: ``B×X×Y`` → ``B×X×Y``.
 
     ``hu`` are axial slices (float, HU; non-square ones are padded with air for the projection);
     ``pixel_mm`` the in-plane voxel size (square pixels); ``generators`` one numpy generator per
-    slice for its counts. ``hu + noise_hu(...)`` is the low-dose slice; ``noise_hu`` equals
-    ``FBP(log(I₀d/N)) − FBP(p)`` in HU.
+    slice for its counts. ``hu + noise_hu(...)`` is the low-dose slice. The noise is
+    ``FBP(p̃ − p)`` in HU, which is ``FBP(p̃) − FBP(p)``: the low-dose reconstruction minus the
+    noiseless one.
     """
-    dose = check_dose(dose, "dose")
-    if hu.dim() != 3 or len(generators) != hu.shape[0]:
-        raise InputError("noise_hu", f"needs B×X×Y slices and B generators, got {tuple(hu.shape)}, {len(generators)}")
-    square, (l, r, t, b) = _square(hu.float())
+    if hu.dim() != 3:
+        raise InputError("noise_hu", f"needs B×X×Y slices, got {tuple(hu.shape)}")
+    square, (left, right, top, bottom) = _square(hu.float())
     n = square.shape[-1]
-    angles = scanner.angles(n)
-    mu = hu_to_mu(square, scanner.mu_water)
-    line = radon(mu, angles).double() * pixel_mm  # B×A×D line integrals (dimensionless)
-    mean = scanner.photons * dose * torch.exp(-line)
-    counts = np.stack([g.poisson(m.numpy()) + g.normal(0.0, scanner.electronic_std, size=m.shape) if
-                       scanner.electronic_std > 0 else g.poisson(m.numpy()).astype(np.float64)
-                       for g, m in zip(generators, mean, strict=True)])
-    noisy = torch.log(scanner.photons * dose / torch.from_numpy(counts).clamp_(min=scanner.min_count))
-    delta_mu = fbp((noisy - line).float(), angles, n) / pixel_mm  # per mm
-    out = 1000.0 * delta_mu / scanner.mu_water
-    return out[:, t:n - b, l:n - r]
+    angles, line, noisy = scan(square, pixel_mm, dose, generators, scanner)
+    out = 1000.0 * fbp((noisy - line).float(), angles, n) / (pixel_mm * scanner.mu_water)
+    return out[:, top:n - bottom, left:n - right]
 
 
 def slice_generator(seed: int, z: int) -> np.random.Generator:

@@ -21,7 +21,8 @@ def write_nifti(path: Path, hu: np.ndarray, affine: np.ndarray) -> Path:
     img.header.set_xyzt_units("mm")
     img.set_sform(affine, code=1)
     img.set_qform(affine, code=1)
-    tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:8]}.tmp.nii.gz")
+    suffix = ".nii.gz" if path.name.lower().endswith(".gz") else ".nii"  # nibabel compresses by the name
+    tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:8]}.tmp{suffix}")
     nib.save(img, tmp)
     os.replace(tmp, path)
     return path
@@ -45,10 +46,10 @@ def write_zarr(path: Path, hu: np.ndarray, attrs: dict) -> Path:
 def check_nifti_out(out: str | os.PathLike) -> Path:
     """An output path that must end in .nii/.nii.gz and not be a directory (checked before any work)."""
     path = Path(out)
-    if not path.name.lower().endswith((".nii", ".nii.gz")):
-        raise InputError(out, "output must end in .nii or .nii.gz")
     if path.is_dir():
         raise InputError(out, "is a directory; give a .nii.gz file name")
+    if not path.name.lower().endswith((".nii", ".nii.gz")):
+        raise InputError(out, "output must end in .nii or .nii.gz")
     if path.parent.exists() and not path.parent.is_dir():
         raise InputError(out, f"{path.parent} is not a directory")
     return path

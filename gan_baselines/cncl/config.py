@@ -30,7 +30,10 @@ class CNCLModelConfig:
             ``base_channels · 2^min(k, 3)`` channels (pix2pix caps at 8×).
         num_levels: stride-2 downsamplings of each U-Net; inputs must be multiples of
             ``2**num_levels`` (tiles are).
-        convs_per_level: 3×3 conv + InstanceNorm + LeakyReLU(0.2) layers per level.
+        convs_per_level: 3×3 conv + norm + LeakyReLU(0.2) layers per level.
+        norm: ``"instance"`` (InstanceNorm with affine weights; the seed's pix2pix U-Net has
+            BatchNorm, see :mod:`gan_baselines.cncl.model`) or ``"none"``. With ``"none"`` and
+            the N(0, 0.02) init the U-Nets barely learn (their activations shrink level by level).
         d_channels: filters of the discriminator's first layer.
         num_d_layers: stride-2 layers of the PatchGAN (3: a 70×70 receptive field).
         init_std: std of the N(0, std) weight initialisation.
@@ -39,6 +42,7 @@ class CNCLModelConfig:
     base_channels: int = 64
     num_levels: int = 4
     convs_per_level: int = 2
+    norm: str = "instance"
     d_channels: int = 64
     num_d_layers: int = 3
     init_std: float = 0.02
@@ -48,6 +52,7 @@ class CNCLModelConfig:
         for key in ("base_channels", "num_levels", "convs_per_level", "d_channels", "num_d_layers"):
             value = getattr(self, key)
             require(isinstance(value, int) and value >= 1, s, key, value, "must be an integer >= 1")
+        require(self.norm in ("none", "instance"), s, "norm", self.norm, "must be 'none' or 'instance'")
         require(math.isfinite(self.init_std) and self.init_std > 0, s, "init_std", self.init_std, "must be > 0")
 
     def channels(self) -> tuple[int, ...]:

@@ -27,11 +27,13 @@ from ..common import init_weights
 from .config import CNCLModelConfig
 
 
-def conv_block(cin: int, cout: int, num: int) -> nn.Sequential:
+def conv_block(cin: int, cout: int, num: int, norm: str = "none") -> nn.Sequential:
     layers: list[nn.Module] = []
     for i in range(num):
-        layers += [nn.Conv2d(cin if i == 0 else cout, cout, 3, padding=1),
-                   nn.InstanceNorm2d(cout, affine=True), nn.LeakyReLU(0.2, inplace=True)]
+        layers.append(nn.Conv2d(cin if i == 0 else cout, cout, 3, padding=1))
+        if norm == "instance":
+            layers.append(nn.InstanceNorm2d(cout, affine=True))
+        layers.append(nn.LeakyReLU(0.2, inplace=True))
     return nn.Sequential(*layers)
 
 
@@ -40,13 +42,13 @@ class UNet(nn.Module):
 
     def __init__(self, cfg: CNCLModelConfig):
         super().__init__()
-        ch = cfg.channels()
-        self.stem = conv_block(1, ch[0], cfg.convs_per_level)
+        ch, n, norm = cfg.channels(), cfg.convs_per_level, cfg.norm
+        self.stem = conv_block(1, ch[0], n, norm)
         self.down = nn.ModuleList(nn.Sequential(nn.Conv2d(ch[k], ch[k], 4, stride=2, padding=1),
-                                                conv_block(ch[k], ch[k + 1], cfg.convs_per_level))
+                                                conv_block(ch[k], ch[k + 1], n, norm))
                                   for k in range(cfg.num_levels))
         self.up = nn.ModuleList(nn.ConvTranspose2d(ch[k + 1], ch[k], 2, stride=2) for k in range(cfg.num_levels))
-        self.merge = nn.ModuleList(conv_block(2 * ch[k], ch[k], cfg.convs_per_level) for k in range(cfg.num_levels))
+        self.merge = nn.ModuleList(conv_block(2 * ch[k], ch[k], n, norm) for k in range(cfg.num_levels))
         self.head = nn.Conv2d(ch[0], 1, 1)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -70,10 +72,13 @@ class CNCLGenerator(nn.Module):
         self.noise = UNet(cfg)
         self.fusion = nn.Conv2d(2, 1, 1)
         init_weights(self, cfg.init_std)
-        # Start the fusion as the mean of its two inputs (the N(0, 0.02) init would scale the
-        # output towards 0, far from the identity-like map the task is close to).
+        # Start the fusion at the noise branch's estimate x − n̂ (≈ x, as n̂ ≈ 0 at init): the
+        # generator starts as the identity, the map the task is close to. With N(0, 0.02) (≈ 0·x)
+        # or an equal-weight start (0.5·ĉ + 0.5·(x − n̂) ≈ 0.5·x) the first hundreds of steps go
+        # to undoing the init, since the 1×1 conv moves by ~lr per step. The content weight is
+        # learned from there (its gradient is Σ ∂L/∂ŷ · ĉ).
         with torch.no_grad():
-            self.fusion.weight.fill_(0.5)
+            self.fusion.weight.copy_(torch.tensor([0.0, 1.0]).view(1, 2, 1, 1))
             self.fusion.bias.zero_()
 
     def check(self, x: Tensor) -> None:
