@@ -141,7 +141,7 @@ def _sample(args) -> int:
 def _denoise(args) -> int:
     from gan_baselines.cncl.denoise import denoise_file
     from gan_baselines.sampling import checkpoint_preset
-    from launch.presets import data_spec
+    from patching.spec import data_spec
 
     window = data_spec(checkpoint_preset(args.checkpoint)).hu_window
     out = denoise_file(args.checkpoint, args.input, args.out, window, dose=args.dose, seed=args.seed,

@@ -15,25 +15,24 @@ size works.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from einops import rearrange
 from torch import nn
 
+from patching.artifact import config_from_dict
 from patching.errors import InputError
 from patching.spec import AIR_HU, unit_to_hu
 from patching.stitch import sliding_window, window_to_unit
-from patching.weights import CHECKPOINT_FORMAT, model_state, read_json, resolve_weights
+from patching.weights import model_state, read_run, resolve_weights
 
-from .config import CNCLConfig, CNCLDataConfig, CNCLLossConfig, CNCLModelConfig
+from .config import CNCLConfig
 from .model import CNCLGenerator
 
 TASK_REF = "gan_baselines.cncl.task:CNCLTask"
-_SECTIONS = {"model": CNCLModelConfig, "data": CNCLDataConfig, "loss": CNCLLossConfig}
 
 
 @dataclass
@@ -47,38 +46,22 @@ class LoadedDenoiser:
 
 
 def _config(data: dict, source: Path) -> CNCLConfig:
-    kwargs: dict[str, Any] = {}
-    for name, cls in _SECTIONS.items():
-        given = data.get(name) or {}
-        if not isinstance(given, dict):
-            raise InputError(source, f"config section {name!r} is not a mapping")
-        known = {f.name for f in fields(cls)}
-        try:
-            kwargs[name] = cls(**{k: v for k, v in given.items() if k in known})
-        except (TypeError, ValueError) as err:
-            raise InputError(source, f"config does not fit cncl: {err}") from None
-    try:
-        return CNCLConfig(**kwargs)
-    except (TypeError, ValueError) as err:
-        raise InputError(source, f"config does not fit cncl: {err}") from None
+    """The task's config from the saved run config (strict: :func:`patching.artifact.config_from_dict`);
+    the engine's ``train`` section is not the model's."""
+    if not isinstance(data, dict):
+        raise InputError(source, "run config is not a mapping")
+    return config_from_dict(CNCLConfig, {k: v for k, v in data.items() if k != "train"}, where=f"{source}: config")
 
 
 def load_denoiser(path: str | os.PathLike, device: str | torch.device = "cpu") -> LoadedDenoiser:
-    """The CNCL generator (EMA weights when present) of a checkpoint, run directory or export."""
+    """The CNCL generator (EMA weights when present) of a checkpoint, run directory or export,
+    read through :mod:`patching.weights` (safetensors and validated JSON only)."""
     kind, where = resolve_weights(path)
-    if kind == "export":
-        doc = read_json(where / "config.json")
-        meta, run_cfg = doc, doc.get("config") or {}
-    else:
-        doc = None
-        meta = read_json(where / "meta.json")
-        if meta.get("format") != CHECKPOINT_FORMAT:
-            raise InputError(where / "meta.json", f"not an xray2ct checkpoint (format {meta.get('format')!r})")
-        run_cfg = read_json(where / "config.json").get("config") or {}
+    meta, run_cfg = read_run(kind, where)
     if meta.get("task") != "cncl" and meta.get("task_ref") != TASK_REF:
         raise InputError(where, f"is a checkpoint of task {meta.get('task')!r}, not cncl")
     cfg = _config(run_cfg, where)
-    state, weights = model_state(kind, where, "generator", doc)
+    state, weights = model_state(kind, where, "generator", meta if kind == "export" else None)
     generator = CNCLGenerator(cfg.model)
     try:
         generator.load_state_dict(state)

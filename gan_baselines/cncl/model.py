@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from patching.errors import InputError
+from patching.pretrained import Pretrained
 
 from ..common import init_weights
 from .config import CNCLModelConfig
@@ -61,13 +62,16 @@ class UNet(nn.Module):
         return self.head(h)
 
 
-class CNCLGenerator(nn.Module):
+class CNCLGenerator(Pretrained):
     """``forward(lowdose) → denoised`` (``B×1×H×W``, project units); :meth:`branches` also
-    returns the two predictors' outputs."""
+    returns the two predictors' outputs. Saves and loads with ``save_pretrained`` /
+    ``from_pretrained`` (:mod:`patching.pretrained`)."""
+
+    config_class = CNCLModelConfig
 
     def __init__(self, cfg: CNCLModelConfig):
         super().__init__()
-        self.cfg = cfg
+        cfg = self.cfg = self.init_config(cfg)
         self.content = UNet(cfg)
         self.noise = UNet(cfg)
         self.fusion = nn.Conv2d(2, 1, 1)
@@ -98,11 +102,14 @@ class CNCLGenerator(nn.Module):
         return self.branches(x)[2]
 
 
-class PatchDiscriminator2D(nn.Module):
+class PatchDiscriminator2D(Pretrained):
     """pix2pix's conditional PatchGAN: ``forward(lowdose, image) → B×1×h×w`` patch logits."""
+
+    config_class = CNCLModelConfig
 
     def __init__(self, cfg: CNCLModelConfig):
         super().__init__()
+        cfg = self.init_config(cfg)
         c = cfg.d_channels
         layers: list[nn.Module] = [nn.Conv2d(2, c, 4, stride=2, padding=1), nn.LeakyReLU(0.2, inplace=True)]
         for k in range(1, cfg.num_d_layers + 1):
