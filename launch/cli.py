@@ -69,6 +69,8 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dose", type=float, required=True, help="dose fraction in (0, 1]; 1 = the simulator's full dose, "
                                                              "0.25 = quarter dose (AAPM challenge)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--photons", type=float, default=1e5, help="incident photons per ray and view at full dose "
+                                                                "(default 1e5)")
 
 
 def build_parser() -> argparse.ArgumentParser:

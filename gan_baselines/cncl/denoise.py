@@ -93,8 +93,9 @@ def denoise_hu(loaded: LoadedDenoiser, hu: np.ndarray, hu_window: tuple[float, f
 def denoise_file(checkpoint: str | os.PathLike, source: str | os.PathLike, out: str | os.PathLike,
                  hu_window: tuple[float, float], *, dose: float | None = None, seed: int = 0,
                  device: str | torch.device = "cpu", progress: bool = True) -> Path:
-    """Read a NIfTI CT, optionally simulate ``dose`` first (:mod:`patching.lowdose`, ``seed``),
-    denoise it and write it with the input's geometry (shape, affine, orientation)."""
+    """Read a NIfTI CT, optionally simulate ``dose`` first (:mod:`patching.lowdose`, ``seed``, with
+    the scanner the model was trained with: ``cfg.data``), denoise it and write it with the input's
+    geometry (shape, affine, orientation)."""
     from patching.ingest import load_nifti
     from patching.lowdose import check_dose, simulate_volume
     from patching.volume_io import check_nifti_out, write_nifti_like
@@ -105,7 +106,7 @@ def denoise_file(checkpoint: str | os.PathLike, source: str | os.PathLike, out: 
     loaded = load_denoiser(checkpoint, device)
     hu, spacing, _ = load_nifti(source)
     if dose is not None:
-        hu = simulate_volume(hu, spacing, dose, seed=seed, progress=progress)
+        hu = simulate_volume(hu, spacing, dose, seed=seed, scanner=loaded.cfg.data.scanner(), progress=progress)
     result = denoise_hu(loaded, hu, hu_window, progress=progress)
     path.parent.mkdir(parents=True, exist_ok=True)
     return write_nifti_like(path, result, Path(source))
