@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from patching.checks import resolve_device
 from patching.errors import InputError
 from patching.reconstruct import Reconstructor, sample_files
 from patching.spec import VolumeSpec, data_spec
@@ -108,7 +109,7 @@ def load_generator(path: str | os.PathLike, device: str | torch.device = "cpu") 
     except RuntimeError as err:
         first = str(err).splitlines()[0]
         raise InputError(where, f"generator weights do not match the saved {task} config ({first})") from None
-    generator.to(device).eval()
+    generator.to(resolve_device(device)).eval()
     return LoadedGenerator(task, str(meta.get("preset", "")), int(meta.get("step", 0)), cfg, generator, weights, where)
 
 
