@@ -294,6 +294,8 @@ def test_bad_inputs_are_one_line_exit_2_and_write_nothing(checkpoint, store, tmp
         (["denoise", "--checkpoint", str(tmp_path / "nowhere"), "--input", str(src), "--out", str(out)], "nowhere"),
         (["denoise", "--checkpoint", str(store), "--input", str(src), "--out", str(out)], "store.zarr"),
         (["denoise", "--checkpoint", str(checkpoint), "--input", str(src), "--out", str(tmp_path)], "directory"),
+        (["denoise", "--checkpoint", str(checkpoint), "--input", str(src), "--out", str(out), "--device", "gpu"],
+         "--device"),
     ]:
         _bad(argv, capsys, match, out)
     # a checkpoint of another task, and one whose config does not fit its weights
