@@ -125,6 +125,9 @@ class VQGANTask:
 
     name = "vqgan"
     ema_models = ("vqgan",)
+    # Exported as diffusers-style folders (launch/export.py): model name → {key prefix in its state
+    # dict: (folder, the Pretrained class, the config section that builds it)}.
+    networks = {"vqgan": {"": ("vqgan", VQGAN, "model")}}
 
     def __init__(self) -> None:
         self.cfg: Any = None

@@ -151,6 +151,9 @@ class DiffusionTask:
 
     name = "diffusion"
     ema_models = ("diffusion",)
+    # Exported as diffusers-style folders (launch/export.py): model name → {key prefix in its state
+    # dict: (folder, the Pretrained class, the config section that builds it)}.
+    networks = {"diffusion": {"encoder": ("xray_encoder", XrayEncoder, "encoder"), "unet": ("unet", LatentUNet3d, "unet")}}
 
     def __init__(self) -> None:
         self.cfg: Any = None

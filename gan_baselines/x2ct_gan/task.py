@@ -51,6 +51,9 @@ class X2CTGANTask:
 
     name = "x2ct-gan"
     ema_models = ("generator",)
+    # Exported as diffusers-style folders (launch/export.py): model name → {key prefix in its state
+    # dict: (folder, the Pretrained class, the config section that builds it)}.
+    networks = {"generator": {"": ("generator", x2ct_gan.X2CTGenerator, "model")}}
     module: types.ModuleType = x2ct_gan  # config presets, build, losses, condition
     num_val_cases = 4
 

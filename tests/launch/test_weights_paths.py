@@ -1,0 +1,90 @@
+"""Every command that takes weights accepts every way to name them: the run directory ``D``,
+``D/checkpoints``, the ``latest`` pointer, a ``step-N`` directory and an export directory
+(one test for all commands, through the CLI as a user types them)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from launch.cli import main
+from patching.store import Store
+from patching.synth_store import synthesize
+from tests.gan_baselines.test_tasks import RUN as GAN_RUN
+from tests.gan_baselines.test_tasks import TINY as GAN_TINY
+from tests.stage1_vqgan.test_encode import TINY as VQ_TINY
+
+FORMS = ("run", "checkpoints", "latest", "step", "export")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict:
+    """A 5-case 32³ store, 2-step vqgan and x2ct-gan runs, their exports, one case's X-rays as files."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    root = tmp_path_factory.mktemp("paths")
+    store = root / "store.zarr"
+    synthesize(Store(store, create=True), 5, (32, 32, 32), xray_size=32, workers=1, progress=False)
+    common = ["--store", str(store), "--max-steps", "2", "--set"]
+    try:
+        assert main(["train", "vqgan", "--output-dir", str(root / "vqgan"), *common, *VQ_TINY]) == 0
+        assert main(["train", "x2ct-gan", "--output-dir", str(root / "x2ct-gan"), *common, *GAN_TINY, *GAN_RUN]) == 0
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+    for name in ("vqgan", "x2ct-gan"):
+        assert main(["export", "--checkpoint", str(root / name), "--out", str(root / f"{name}-export")]) == 0
+    case = Store(store).case(Store(store).case_ids("test")[0])
+    for view in ("pa", "lateral"):
+        np.save(root / f"{view}.npy", case.xray(view))
+    return {"root": root, "store": store}
+
+
+def weights(runs: dict, name: str, form: str) -> Path:
+    run = runs["root"] / name
+    return {"run": run, "checkpoints": run / "checkpoints", "latest": run / "checkpoints" / "latest",
+            "step": run / "checkpoints" / "step-2", "export": runs["root"] / f"{name}-export"}[form]
+
+
+def _export(runs, form, out):
+    assert main(["export", "--checkpoint", str(weights(runs, "x2ct-gan", form)), "--out", str(out)]) == 0
+    assert json.loads((out / "config.json").read_text())["step"] == 2
+
+
+def _encode(runs, form, out):
+    store = shutil.copytree(runs["store"], out / "store.zarr")
+    assert main(["encode", "--store", str(store), "--vqgan", str(weights(runs, "vqgan", form)), "--device", "cpu"]) == 0
+    assert all(Store(store).case(c).has_latent for c in Store(store).case_ids())
+
+
+def _sample(runs, form, out):
+    r = runs["root"]
+    assert main(["sample", "--checkpoint", str(weights(runs, "x2ct-gan", form)), "--pa", str(r / "pa.npy"),
+                 "--lateral", str(r / "lateral.npy"), "--out", str(out), "--device", "cpu"]) == 0
+    assert nib.load(out / "volume.nii.gz").shape == (64, 64, 64)  # the cpu-demo preset's grid
+
+
+def _evaluate(runs, form, out):
+    assert main(["evaluate", "--store", str(runs["store"]), "--method", f"gan={weights(runs, 'x2ct-gan', form)}",
+                 "--out", str(out), "--no-mean-baseline", "--figure-cases", "0", "--device", "cpu"]) == 0
+    assert json.loads((out / "results.json").read_text())["rows"] == ["gan"]
+
+
+COMMANDS = {"export": _export, "encode": _encode, "sample": _sample, "evaluate": _evaluate}
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_weights_command_takes_every_path_form(runs, command, form, tmp_path):
+    from accelerate.state import AcceleratorState, GradientState
+
+    try:
+        COMMANDS[command](runs, form, tmp_path / "out")
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
