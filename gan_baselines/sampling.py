@@ -34,8 +34,7 @@ from torch import nn
 from patching.errors import InputError
 from patching.reconstruct import Reconstructor, sample_files
 from patching.spec import VolumeSpec, data_spec
-from patching.weights import CHECKPOINT_FORMAT, describe, model_state, resolve_weights
-from patching.weights import read_json as _read_json
+from patching.weights import describe, model_state, read_run, resolve_weights
 from patching.xray_io import resize_xray
 
 from . import x2ct_gan, x_recon
@@ -96,20 +95,13 @@ def checkpoint_task(path: str | os.PathLike) -> str:
 def load_generator(path: str | os.PathLike, device: str | torch.device = "cpu") -> LoadedGenerator:
     """Load an X2CT-GAN or X-Recon generator (EMA weights when present) from a checkpoint or export."""
     kind, where = resolve_weights(path)
-    if kind == "export":
-        doc = _read_json(where / "config.json")
-        meta, run_cfg = doc, doc.get("config") or {}
-    else:
-        meta = _read_json(where / "meta.json")
-        if meta.get("format") != CHECKPOINT_FORMAT:
-            raise InputError(where / "meta.json", f"not an xray2ct checkpoint (format {meta.get('format')!r})")
-        run_cfg = _read_json(where / "config.json").get("config") or {}
+    meta, run_cfg = read_run(kind, where)
     task = _TASK_REFS.get(str(meta.get("task_ref")), str(meta.get("task")))
     if task not in GAN_TASKS:
         raise InputError(where, f"is a checkpoint of task {meta.get('task')!r}, not of a GAN baseline "
                                 f"({', '.join(GAN_TASKS)})")
     cfg = _build_config(task, run_cfg, where)
-    state, weights = model_state(kind, where, "generator", doc if kind == "export" else None)
+    state, weights = model_state(kind, where, "generator", meta if kind == "export" else None)
     generator = GAN_TASKS[task][2](cfg.model)
     try:
         generator.load_state_dict(state)

@@ -144,6 +144,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "device", None) is not None:
+            from patching.checks import resolve_device
+
+            resolve_device(args.device)
         if args.cmd == "data":
             from launch import cli_data
 

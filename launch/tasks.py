@@ -8,6 +8,7 @@ of the task protocol (see :mod:`launch.engine`). ``TASK`` is a registered name o
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 import sys
 from typing import Any
@@ -67,14 +68,32 @@ def load_task(name: str) -> tuple[str, Any]:
             obj = getattr(obj, part)
         except AttributeError:
             raise InputError("TASK", f"{label}: module {module_name!r} has no attribute {attr!r}") from None
-    if isinstance(obj, type) or (callable(obj) and not _is_task(obj)):
-        task = obj()  # a class or a factory
+    if isinstance(obj, type):
+        missing = [m for m in REQUIRED if not callable(getattr(obj, m, None))]
+        if missing:  # checked on the class, before anything is instantiated
+            raise InputError("TASK", f"{label} does not implement the task protocol: missing {', '.join(missing)}")
+        task = obj()
+    elif callable(obj) and not _is_task(obj):
+        # A factory: a Python function taking no arguments. Anything else callable (os:system,
+        # a builtin, a function that needs arguments) is refused, never called.
+        if not inspect.isfunction(obj) or not _takes_no_arguments(obj):
+            raise InputError("TASK", f"{label} is not a task class, a task factory (a function of no arguments) "
+                                     "or a task object")
+        task = obj()
     else:
         task = obj
     missing = [m for m in REQUIRED if not callable(getattr(task, m, None))]
     if missing:
         raise InputError("TASK", f"{label} does not implement the task protocol: missing {', '.join(missing)}")
     return ref, task
+
+
+def _takes_no_arguments(fn: Any) -> bool:
+    try:
+        inspect.signature(fn).bind()
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def _is_task(obj: Any) -> bool:
