@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import os
 import random
-import re
 import secrets
 import shutil
 import sys
@@ -49,19 +48,18 @@ from typing import Any
 import numpy as np
 import torch
 
+from patching.artifact import CHECKPOINT_FORMAT as FORMAT
+from patching.artifact import CHECKPOINT_VERSION as VERSION
+from patching.artifact import LATEST, newest_checkpoint, read_checkpoint_meta, step_name
+from patching.artifact import STEP_RE as _STEP_RE
 from patching.errors import InputError, StorageError
 from patching.staging import clean_stale, host_id, owner_tag
-from patching.weights import CHECKPOINT_FORMAT as FORMAT
-from patching.weights import CHECKPOINT_VERSION as VERSION
-from patching.weights import read_checkpoint_meta
 
-LATEST = "latest"
 # What load_checkpoint reads from meta.json (read_checkpoint_meta adds format, version, step).
 RESUME_KEYS: dict[str, Any] = {
     "models": list, "optimizers": dict, "schedulers": list, "world_size": int, "data": dict,
     "epoch": int, "position": int, "nonfinite_streak": int, "nonfinite_total": int,
 }
-_STEP_RE = re.compile(r"^step-(\d+)$")
 # Testing knob: seconds to sleep after each file a checkpoint writer closes, so a test can
 # kill the process in the middle of a write. Never set in production.
 from .state_io import (  # noqa: E402,F401  (the file primitives, re-exported)
@@ -192,16 +190,7 @@ def list_checkpoints(root: str | os.PathLike) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def read_latest(root: str | os.PathLike) -> Path | None:
-    """The newest complete checkpoint: what ``latest`` names, else the highest complete step."""
-    root = Path(root)
-    pointer = root / LATEST
-    if pointer.is_file():
-        name = pointer.read_text().strip()
-        if _STEP_RE.match(name) and is_checkpoint(root / name):
-            return root / name
-    complete = [p for _, p in list_checkpoints(root) if is_checkpoint(p)]
-    return complete[-1] if complete else None
+read_latest = newest_checkpoint  # the newest complete checkpoint: what ``latest`` names, else the highest step
 
 
 def _pointed(root: Path) -> Path | None:
@@ -316,7 +305,7 @@ def publish(root: Path, staging: Path, step: int, keep_last: int) -> Path:
     Order: fsync the files, rename the directory, fsync the parent, write ``latest`` through a
     temporary file and ``os.replace``, then delete what falls out of the last ``keep_last``.
     """
-    final = root / f"step-{step}"
+    final = root / step_name(step)
     _fsync_tree(staging)
     if final.exists():  # the same step saved again (e.g. a resumed run stopped at once)
         trash = root / f".trash-{final.name}-{staging.name.rsplit('-', 1)[-1]}"
@@ -352,7 +341,7 @@ def prune(root: Path, keep_last: int, protect: Iterable[Path] = ()) -> list[Path
 
 
 def read_meta(ckpt: Path, keys: dict[str, Any] | None = None) -> dict:
-    """``meta.json`` of ``ckpt``, validated (:func:`patching.weights.read_checkpoint_meta`:
+    """``meta.json`` of ``ckpt``, validated (:func:`patching.artifact.read_checkpoint_meta`:
     an object, format marker, version, step agreeing with the directory, safe model names, and
     ``keys``); bad metadata is a one-line :class:`InputError`."""
     return read_checkpoint_meta(ckpt, keys)
@@ -443,7 +432,7 @@ def save_checkpoint(root: Path, step: int, s: Saveables, *, rank: int, is_main: 
             })
             if attempt.error is None:
                 attempt(lambda: publish(root, staging, step, keep_last))
-                final = root / f"step-{step}" if attempt.error is None else None
+                final = root / step_name(step) if attempt.error is None else None
         # Every rank learns whether any rank's write failed, so all raise together (no rank is
         # left waiting in a collective).
         if control.max(1 if attempt.error is not None else 0):
@@ -453,7 +442,7 @@ def save_checkpoint(root: Path, step: int, s: Saveables, *, rank: int, is_main: 
             kept = read_latest(root) if is_main else None
             after = f"{LATEST} is still {kept.name}" if kept is not None else "no earlier checkpoint"
             err = attempt.error or OSError(0, "a write failed on another rank")
-            raise StorageError.from_os(staging.parent / f"step-{step}", "could not write the checkpoint", err, after)
+            raise StorageError.from_os(staging.parent / step_name(step), "could not write the checkpoint", err, after)
         control.barrier()
         return final
     except BaseException:
