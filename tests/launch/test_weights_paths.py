@@ -88,3 +88,40 @@ def test_every_weights_command_takes_every_path_form(runs, command, form, tmp_pa
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
+
+
+def test_exported_networks_load_with_from_pretrained_in_a_plain_process_as_the_checkpoint(runs, tmp_path):
+    """``VQGAN.from_pretrained(export / "vqgan")`` and ``X2CTGenerator.from_pretrained(export / "generator")``
+    in a fresh interpreter (no CLI, no project loader) give the checkpoint's EMA outputs, bit for bit."""
+    import os
+    import subprocess
+    import sys
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from gan_baselines.sampling import load_generator
+    from stage1_vqgan.encode import load_vqgan
+    from tests.patching.test_pretrained import _PLAIN, ROOT
+
+    g = torch.Generator().manual_seed(0)
+    cases = {
+        "vqgan": ("stage1_vqgan.model:VQGAN", load_vqgan(weights(runs, "vqgan", "latest"), "cpu").model,
+                  {"x": torch.rand(1, 1, 16, 16, 16, generator=g) * 2 - 1}),
+        "generator": ("gan_baselines.x2ct_gan.model:X2CTGenerator",
+                      load_generator(weights(runs, "x2ct-gan", "latest")).generator,
+                      {v: torch.rand(1, 1, 32, 32, generator=g) for v in ("pa", "lateral")}),
+    }
+    export = {"vqgan": weights(runs, "vqgan", "export"), "generator": weights(runs, "x2ct-gan", "export")}
+    expected = {}
+    for name, (_, model, inputs) in cases.items():
+        shutil.copytree(export[name] / name, tmp_path / name)  # the network folder alone
+        save_file(inputs, str(tmp_path / f"{name}.inputs.safetensors"))
+        with torch.no_grad():
+            out = model.eval()(**inputs)
+        expected[name] = getattr(out, "recon", out)
+    refs = json.dumps({name: ref for name, (ref, _, _) in cases.items()})
+    subprocess.run([sys.executable, "-c", _PLAIN, refs, str(tmp_path), str(torch.get_num_threads())], check=True,
+                   cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+    for name, want in expected.items():
+        assert want.abs().max() > 0 and torch.equal(load_file(str(tmp_path / f"{name}.out.safetensors"))["out"], want), name
