@@ -314,16 +314,17 @@ def model_state(kind: str, where: Path, name: str, export_doc: dict | None = Non
         entry = doc["models"].get(name)
         if entry is None:
             raise InputError(where / "config.json", f"lists no {name} weights")
-        weights = str(entry.get("weights", "raw"))
+        weights, doc_path = str(entry.get("weights", "raw")), where / "config.json"
         if raw and "raw_file" in entry:
-            return load_tensors(where / entry["raw_file"]), "raw"  # a safe name: read_export_config
+            return load_tensors(child_path(where, entry["raw_file"], doc_path, f"models.{name}.raw_file")), "raw"
         if "networks" in entry:
             state = {}
             for prefix, folder in entry["networks"].items():
-                part = load_tensors(where / folder / WEIGHTS_NAME)
+                part = load_tensors(child_path(where, folder, doc_path, f"models.{name}.networks.{prefix or name}")
+                                    / WEIGHTS_NAME)
                 state.update({f"{prefix}.{k}" if prefix else k: v for k, v in part.items()})
             return state, "raw" if raw else weights
-        return load_tensors(where / entry["file"]), "raw" if raw else weights
+        return load_tensors(child_path(where, entry["file"], doc_path, f"models.{name}.file")), "raw" if raw else weights
     if not raw and (where / "ema" / f"{name}.safetensors").is_file():
         return load_tensors(where / "ema" / f"{name}.safetensors"), "ema"
     return load_tensors(where / "models" / f"{name}.safetensors"), "raw"
