@@ -227,11 +227,14 @@ def holds_checkpoints(root: str | os.PathLike) -> bool:
 
 
 def resolve_checkpoint(path: str | os.PathLike, source: str = "--resume") -> Path:
-    """A checkpoint directory from a path naming it, a ``checkpoints/`` root or an output dir."""
+    """A checkpoint directory from a path naming it, its ``latest`` pointer, a ``checkpoints/``
+    root or an output dir (``--resume``; an export holds no optimizer state to resume)."""
     p = Path(path)
     if (p / "meta.json").exists():
         read_meta(p)
         return p
+    if p.name == LATEST and p.is_file():  # the pointer file itself
+        return _pointed(p.parent)
     for root in (p, checkpoint_root(p)):
         if root.is_dir() and holds_checkpoints(root):
             return _pointed(root)
