@@ -20,6 +20,7 @@ TASKS: dict[str, str] = {
     "diffusion": "stage2_diffusion.task:DiffusionTask",
     "x2ct-gan": "gan_baselines.x2ct_gan.task:X2CTGANTask",
     "x-recon": "gan_baselines.x_recon.task:XReconTask",
+    "cncl": "gan_baselines.cncl.task:CNCLTask",
 }
 
 # Reconstructors: a checkpoint's task → the ``module:Class`` of its
