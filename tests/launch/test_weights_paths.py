@@ -15,6 +15,9 @@ import pytest
 from launch.cli import main
 from patching.store import Store
 from patching.synth_store import synthesize
+from tests.gan_baselines.test_cncl import RUN as CNCL_RUN
+from tests.gan_baselines.test_cncl import TINY as CNCL_TINY
+from tests.gan_baselines.test_cncl import write_ct
 from tests.gan_baselines.test_tasks import RUN as GAN_RUN
 from tests.gan_baselines.test_tasks import TINY as GAN_TINY
 from tests.stage1_vqgan.test_encode import TINY as VQ_TINY
@@ -24,7 +27,7 @@ FORMS = ("run", "checkpoints", "latest", "step", "export")
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict:
-    """A 5-case 32³ store, 2-step vqgan and x2ct-gan runs, their exports, one case's X-rays as files."""
+    """A 5-case 32³ store, 2-step vqgan, x2ct-gan and cncl runs, their exports, one case's X-rays as files."""
     from accelerate.state import AcceleratorState, GradientState
 
     root = tmp_path_factory.mktemp("paths")
@@ -34,10 +37,11 @@ def runs(tmp_path_factory) -> dict:
     try:
         assert main(["train", "vqgan", "--output-dir", str(root / "vqgan"), *common, *VQ_TINY]) == 0
         assert main(["train", "x2ct-gan", "--output-dir", str(root / "x2ct-gan"), *common, *GAN_TINY, *GAN_RUN]) == 0
+        assert main(["train", "cncl", "--output-dir", str(root / "cncl"), *common, *CNCL_TINY, *CNCL_RUN]) == 0
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
-    for name in ("vqgan", "x2ct-gan"):
+    for name in ("vqgan", "x2ct-gan", "cncl"):
         assert main(["export", "--checkpoint", str(root / name), "--out", str(root / f"{name}-export")]) == 0
     case = Store(store).case(Store(store).case_ids("test")[0])
     for view in ("pa", "lateral"):
@@ -75,7 +79,15 @@ def _evaluate(runs, form, out):
     assert json.loads((out / "results.json").read_text())["rows"] == ["gan"]
 
 
-COMMANDS = {"export": _export, "encode": _encode, "sample": _sample, "evaluate": _evaluate}
+def _denoise(runs, form, out):
+    out.mkdir()
+    write_ct(out / "ct.nii.gz")
+    assert main(["denoise", "--checkpoint", str(weights(runs, "cncl", form)), "--input", str(out / "ct.nii.gz"),
+                 "--out", str(out / "den.nii.gz")]) == 0
+    assert nib.load(out / "den.nii.gz").shape == (37, 29, 5)
+
+
+COMMANDS = {"export": _export, "encode": _encode, "sample": _sample, "evaluate": _evaluate, "denoise": _denoise}
 
 
 @pytest.mark.parametrize("form", FORMS)
