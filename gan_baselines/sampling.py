@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from patching.artifact import describe, model_state, read_run, resolve_weights, task_config
+from patching.checks import resolve_device
 from patching.errors import InputError
 from patching.reconstruct import Reconstructor, sample_files
 from patching.spec import VolumeSpec, data_spec
@@ -92,7 +93,7 @@ def load_generator(path: str | os.PathLike, device: str | torch.device = "cpu") 
     except RuntimeError as err:
         first = str(err).splitlines()[0]
         raise InputError(where, f"generator weights do not match the saved {task} config ({first})") from None
-    generator.to(device).eval()
+    generator.to(resolve_device(device)).eval()
     return LoadedGenerator(task, str(meta.get("preset", "")), int(meta.get("step", 0)), cfg, generator, weights, where)
 
 

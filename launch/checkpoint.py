@@ -29,7 +29,10 @@ host memory during a save (model + optimizer state once) — fine up to a few GB
 Publishing: files are written into ``checkpoints/.tmp-step-<N>-<token>/``, fsynced, the
 directory renamed to ``step-<N>`` and ``checkpoints/latest`` (a one-line text file naming the
 directory) replaced through a rename. A process killed at any point leaves the previous
-checkpoint and ``latest`` intact; the stale ``.tmp-*`` directory is removed by the next save.
+checkpoint and ``latest`` intact; ``<token>`` names the writer (:mod:`patching.staging`), so
+the next save removes stale ``.tmp-*`` directories and never a live writer's. A write the file
+system refuses on any rank removes the staging directory on every rank's agreement and raises
+one :class:`~patching.errors.StorageError` line (docs/reliability.md).
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ import torch
 
 from patching.artifact import CHECKPOINT_FORMAT as FORMAT
 from patching.artifact import CHECKPOINT_VERSION as VERSION
-from patching.artifact import LATEST, newest_checkpoint, read_checkpoint_meta, step_name
+from patching.artifact import LATEST, pointed_checkpoint, read_checkpoint_meta, step_name
 from patching.artifact import STEP_RE as _STEP_RE
 from patching.errors import InputError, StorageError
 from patching.staging import clean_stale, host_id, owner_tag
@@ -190,34 +193,16 @@ def list_checkpoints(root: str | os.PathLike) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-read_latest = newest_checkpoint  # the newest complete checkpoint: what ``latest`` names, else the highest step
-
-
-def _pointed(root: Path) -> Path | None:
-    """The checkpoint a run's ``checkpoints/`` root holds for resuming, validated.
-
-    ``latest`` names it when present, else the highest ``step-<N>`` directory. Whatever is
-    named must be usable: a pointer to a missing or broken checkpoint, or a ``meta.json`` whose
-    step disagrees with its directory, is an :class:`InputError` — never a silent fresh start
-    (which would overwrite ``latest``) nor a fall-back to an older checkpoint.
-    """
+def read_latest(root: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint: what ``latest`` names, else the highest complete step."""
+    root = Path(root)
     pointer = root / LATEST
     if pointer.is_file():
-        try:
-            name = pointer.read_text(errors="replace").strip()
-        except OSError as err:
-            raise InputError(pointer, f"unreadable ({err.strerror or err})") from None
-        if not _STEP_RE.match(name):
-            raise InputError(pointer, f"names {name[:80]!r}, not a step-<N> checkpoint; fix or remove it")
-        if not (root / name).is_dir():
-            raise InputError(pointer, f"names {name}, which does not exist; fix or remove {pointer}")
-        read_meta(root / name)
-        return root / name
-    steps = list_checkpoints(root)
-    if not steps:
-        return None
-    read_meta(steps[-1][1])
-    return steps[-1][1]
+        name = pointer.read_text().strip()
+        if _STEP_RE.match(name) and is_checkpoint(root / name):
+            return root / name
+    complete = [p for _, p in list_checkpoints(root) if is_checkpoint(p)]
+    return complete[-1] if complete else None
 
 
 def holds_checkpoints(root: str | os.PathLike) -> bool:
@@ -234,10 +219,10 @@ def resolve_checkpoint(path: str | os.PathLike, source: str = "--resume") -> Pat
         read_meta(p)
         return p
     if p.name == LATEST and p.is_file():  # the pointer file itself
-        return _pointed(p.parent)
+        return pointed_checkpoint(p.parent)
     for root in (p, checkpoint_root(p)):
         if root.is_dir() and holds_checkpoints(root):
-            return _pointed(root)
+            return pointed_checkpoint(root)
     if not p.exists():
         raise InputError(source, f"{p}: no such file or directory")
     raise InputError(source, f"{p}: not a checkpoint (no meta.json) and holds no checkpoints")
@@ -266,7 +251,7 @@ def resolve_resume(output_dir: str | os.PathLike, resume: str | None) -> Path | 
             )
         return None
     if resume == "latest":
-        return _pointed(root) if root.is_dir() else None
+        return pointed_checkpoint(root) if root.is_dir() else None
     return resolve_checkpoint(resume)
 
 
@@ -424,9 +409,12 @@ def save_checkpoint(root: Path, step: int, s: Saveables, *, rank: int, is_main: 
                 attempt(save_state, staging / "extra", s.task.extra_state())
             attempt((staging / "config.json").write_text, config_doc)
         attempt(save_state, staging / f"rank-{rank}", {"rank": rank, "rng": capture_rng(s.generators), "data": data_state})
-        control.barrier()
+        # Every rank learns whether any rank's write failed (before meta.json makes the
+        # checkpoint complete, and again after the publish), so all raise together and no rank
+        # is left waiting in a collective.
+        failed = control.max(1 if attempt.error is not None else 0)
         final = None
-        if is_main:
+        if is_main and not failed:
             attempt(save_json, staging / "meta.json", {
                 "format": FORMAT, "version": VERSION, **meta, "step": step,
                 "models": sorted(s.models), "optimizers": dict(s.model_of_optimizer), "schedulers": sorted(s.schedulers),
@@ -436,13 +424,11 @@ def save_checkpoint(root: Path, step: int, s: Saveables, *, rank: int, is_main: 
             if attempt.error is None:
                 attempt(lambda: publish(root, staging, step, keep_last))
                 final = root / step_name(step) if attempt.error is None else None
-        # Every rank learns whether any rank's write failed, so all raise together (no rank is
-        # left waiting in a collective).
-        if control.max(1 if attempt.error is not None else 0):
+        if failed or control.max(1 if attempt.error is not None else 0):
             if is_main and staging.exists():
                 shutil.rmtree(staging, ignore_errors=True)
             control.barrier()
-            kept = read_latest(root) if is_main else None
+            kept = read_latest(root)  # a shared file system: every rank reads the same
             after = f"{LATEST} is still {kept.name}" if kept is not None else "no earlier checkpoint"
             err = attempt.error or OSError(0, "a write failed on another rank")
             raise StorageError.from_os(staging.parent / step_name(step), "could not write the checkpoint", err, after)

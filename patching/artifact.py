@@ -245,31 +245,42 @@ def load_tensors(path: Path) -> dict:
         raise InputError(path, f"not a readable safetensors file ({type(err).__name__}: {err})") from None
 
 
-def newest_checkpoint(root: Path) -> Path | None:
-    """What ``root/latest`` names, else the highest ``step-N`` with a ``meta.json``."""
+def pointed_checkpoint(root: str | os.PathLike) -> Path | None:
+    """The checkpoint a ``checkpoints/`` root holds for resuming or sampling, validated.
+
+    ``latest`` names it when present, else the highest ``step-<N>`` directory; ``None`` when the
+    root holds neither. Whatever is named must be usable: ``latest`` naming something that is
+    not ``step-<N>``, a missing directory, or a checkpoint whose ``meta.json`` is missing or
+    malformed (:func:`read_checkpoint_meta`) is an :class:`InputError` — never a silent fall-back
+    to another checkpoint or to a fresh start.
+    """
     root = Path(root)
     pointer = root / LATEST
     if pointer.is_file():
-        name = pointer.read_text(errors="replace").strip()
-        if STEP_RE.match(name) and (root / name / "meta.json").is_file():
-            return root / name
-    if not root.is_dir():
+        try:
+            name = pointer.read_text(errors="replace").strip()
+        except OSError as err:
+            raise InputError(pointer, f"unreadable ({err.strerror or err})") from None
+        if not STEP_RE.match(name):
+            raise InputError(pointer, f"names {name[:80]!r}, not a step-<N> checkpoint; fix or remove it")
+        if not (root / name).is_dir():
+            raise InputError(pointer, f"names {name}, which does not exist; fix or remove {pointer}")
+        read_checkpoint_meta(root / name)
+        return root / name
+    steps = sorted((int(m.group(1)), p) for p in (root.iterdir() if root.is_dir() else ())
+                   if p.is_dir() and (m := STEP_RE.match(p.name)))
+    if not steps:
         return None
-    steps = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := STEP_RE.match(p.name))
-             and (p / "meta.json").is_file()]
-    return max(steps)[1] if steps else None
+    read_checkpoint_meta(steps[-1][1])
+    return steps[-1][1]
 
 
 def resolve_weights(path: str | os.PathLike) -> tuple[str, Path]:
     """``("export", dir)`` or ``("checkpoint", dir)`` for a path a user gives as ``--checkpoint``:
     a checkpoint, the ``latest`` pointer, ``D/checkpoints``, a run directory ``D`` or an export."""
     p = Path(path)
-    if p.is_file() and p.name == "latest":  # the pointer file itself
-        name = p.read_text().strip()
-        if not STEP_RE.match(name) or not (p.parent / name / "meta.json").is_file():
-            raise InputError(p, f"names {name!r}, which is not a complete checkpoint")
-        read_checkpoint_meta(p.parent / name)
-        return "checkpoint", p.parent / name
+    if p.is_file() and p.name == LATEST:  # the pointer file itself
+        return "checkpoint", pointed_checkpoint(p.parent)
     if not p.exists():
         raise InputError(p, "no such file or directory")
     if not p.is_dir():
@@ -281,8 +292,7 @@ def resolve_weights(path: str | os.PathLike) -> tuple[str, Path]:
         read_export_config(p)
         return "export", p
     for root in (p, p / "checkpoints"):
-        if root.is_dir() and (found := newest_checkpoint(root)) is not None:
-            read_checkpoint_meta(found)
+        if root.is_dir() and (found := pointed_checkpoint(root)) is not None:
             return "checkpoint", found
     raise InputError(p, "not a checkpoint (no meta.json), an export (no config.json) or a directory holding checkpoints")
 

@@ -34,6 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from patching.artifact import model_state, read_config, read_extra, read_run, resolve_weights
+from patching.checks import resolve_device
 from patching.errors import InputError
 from patching.store import Store
 
@@ -95,7 +96,7 @@ def load_vqgan(path: str | Path, device: str | torch.device | None = None) -> Lo
     load_vqgan_weights(model, state, str(file))
     if not bool(model.quantizer.initialized):
         raise InputError(file, "the codebook was never initialised (a checkpoint of step 0?)")
-    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(device)  # a bad --device is one line, not a traceback at .to()
     model.to(device).eval()
     reference = {
         "task": TASK_NAME, "preset": doc.get("preset"), "step": int(doc.get("step", 0)), "weights": weights,

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from patching.artifact import model_state, read_extra, read_run, resolve_weights, task_config
+from patching.checks import resolve_device
 from patching.errors import InputError
 from patching.reconstruct import Reconstructor, check_xrays, positive_int, sample_files, to_shape
 from patching.spec import VolumeSpec
@@ -117,7 +118,7 @@ class DiffusionReconstructor(Reconstructor):
     def __init__(self, checkpoint: str | Path, *, device: str | torch.device | None = None,
                  vqgan: str | Path | None = None, steps: int | None = None, guidance: float | None = None,
                  progress: bool = False):
-        self.device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = resolve_device(device)
         loaded = load_diffusion(checkpoint, self.device)
         cfg, extra = loaded.cfg, loaded.extra
         ref = extra["vqgan"]

@@ -228,6 +228,16 @@ def test_denoise_cli_keeps_the_geometry_of_any_volume(checkpoint, tmp_path, caps
     hu, _, _ = load_nifti(src)
     want = np.rint(denoise_hu(loaded, hu, WINDOW))[::-1, ::-1, :]
     assert np.array_equal(np.asarray(img.dataobj), want.astype(np.int16))
+    # the same from an export, and `sample` points a CNCL checkpoint to `denoise`
+    from launch.export import main as export
+
+    assert export(["--checkpoint", str(checkpoint), "--out", str(tmp_path / "export")]) == 0
+    out3 = tmp_path / "den3.nii.gz"
+    assert cli(["denoise", "--checkpoint", str(tmp_path / "export"), "--input", str(src), "--out", str(out3)]) == 0
+    assert np.array_equal(np.asarray(nib.load(out3).dataobj), np.asarray(img.dataobj))
+    capsys.readouterr()
+    assert cli(["sample", "--checkpoint", str(checkpoint), "--pa", str(src), "--out", str(tmp_path / "s")]) == 2
+    assert "xray2ct denoise" in capsys.readouterr().err
     # --dose simulates first: a different result
     out2 = tmp_path / "den2.nii"
     assert cli(["denoise", "--checkpoint", str(checkpoint), "--input", str(src), "--out", str(out2), "--dose", "0.25"]) == 0
