@@ -24,6 +24,7 @@ from einops import rearrange
 from torch import nn
 
 from patching.artifact import config_from_dict, model_state, read_run, resolve_weights
+from patching.checks import resolve_device
 from patching.errors import InputError
 from patching.spec import AIR_HU, unit_to_hu
 from patching.stitch import sliding_window, window_to_unit
@@ -52,7 +53,7 @@ def _config(data: dict, source: Path) -> CNCLConfig:
     return config_from_dict(CNCLConfig, {k: v for k, v in data.items() if k != "train"}, where=f"{source}: config")
 
 
-def load_denoiser(path: str | os.PathLike, device: str | torch.device = "cpu") -> LoadedDenoiser:
+def load_denoiser(path: str | os.PathLike, device: str | torch.device | None = "cpu") -> LoadedDenoiser:
     """The CNCL generator (EMA weights when present) of a checkpoint, run directory or export,
     read through :mod:`patching.artifact` (safetensors and validated JSON only)."""
     kind, where = resolve_weights(path)
@@ -66,7 +67,7 @@ def load_denoiser(path: str | os.PathLike, device: str | torch.device = "cpu") -
         generator.load_state_dict(state)
     except RuntimeError as err:
         raise InputError(where, f"generator weights do not match the saved cncl config ({str(err).splitlines()[0]})") from None
-    generator.to(device).eval()
+    generator.to(resolve_device(device)).eval()  # a bad --device: one line, not a traceback
     return LoadedDenoiser(str(meta.get("preset", "")), int(meta.get("step", 0)), cfg, generator, weights, where)
 
 
@@ -91,9 +92,10 @@ def denoise_hu(loaded: LoadedDenoiser, hu: np.ndarray, hu_window: tuple[float, f
 
 def denoise_file(checkpoint: str | os.PathLike, source: str | os.PathLike, out: str | os.PathLike,
                  hu_window: tuple[float, float], *, dose: float | None = None, seed: int = 0,
-                 device: str | torch.device = "cpu", progress: bool = True) -> Path:
-    """Read a NIfTI CT, optionally simulate ``dose`` first (:mod:`patching.lowdose`, ``seed``),
-    denoise it and write it with the input's geometry (shape, affine, orientation)."""
+                 device: str | torch.device | None = None, progress: bool = True) -> Path:
+    """Read a NIfTI CT, optionally simulate ``dose`` first (:mod:`patching.lowdose`, ``seed``, with
+    the scanner the model was trained with: ``cfg.data``), denoise it and write it with the input's
+    geometry (shape, affine, orientation)."""
     from patching.ingest import load_nifti
     from patching.lowdose import check_dose, simulate_volume
     from patching.volume_io import check_nifti_out, write_nifti_like
@@ -104,7 +106,7 @@ def denoise_file(checkpoint: str | os.PathLike, source: str | os.PathLike, out: 
     loaded = load_denoiser(checkpoint, device)
     hu, spacing, _ = load_nifti(source)
     if dose is not None:
-        hu = simulate_volume(hu, spacing, dose, seed=seed, progress=progress)
+        hu = simulate_volume(hu, spacing, dose, seed=seed, scanner=loaded.cfg.data.scanner(), progress=progress)
     result = denoise_hu(loaded, hu, hu_window, progress=progress)
     path.parent.mkdir(parents=True, exist_ok=True)
     return write_nifti_like(path, result, Path(source))
