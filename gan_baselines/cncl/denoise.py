@@ -3,7 +3,7 @@
     loaded = load_denoiser("runs/cncl")                    # checkpoint, run dir or export
     out_hu = denoise_hu(loaded, hu, hu_window=(-1024, 1600))  # float32 HU, same shape
 
-Weights come through :mod:`patching.weights` (safetensors and JSON only; the EMA generator when
+Weights come through :mod:`patching.artifact` (safetensors and JSON only; the EMA generator when
 the run kept one), as for every sampler. The volume runs through the patch layer's sliding window
 (:func:`patching.stitch.sliding_window`): ``patch × patch × 1`` tiles (axial slices cut into the
 training crop size; CNCL is 2D), overlap ``overlap`` in-plane and none across slices, Gaussian
@@ -23,12 +23,11 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from patching.artifact import config_from_dict
+from patching.artifact import config_from_dict, model_state, read_run, resolve_weights
 from patching.checks import resolve_device
 from patching.errors import InputError
 from patching.spec import AIR_HU, unit_to_hu
 from patching.stitch import sliding_window, window_to_unit
-from patching.weights import model_state, read_run, resolve_weights
 
 from .config import CNCLConfig
 from .model import CNCLGenerator
@@ -56,7 +55,7 @@ def _config(data: dict, source: Path) -> CNCLConfig:
 
 def load_denoiser(path: str | os.PathLike, device: str | torch.device | None = "cpu") -> LoadedDenoiser:
     """The CNCL generator (EMA weights when present) of a checkpoint, run directory or export,
-    read through :mod:`patching.weights` (safetensors and validated JSON only)."""
+    read through :mod:`patching.artifact` (safetensors and validated JSON only)."""
     kind, where = resolve_weights(path)
     meta, run_cfg = read_run(kind, where)
     if meta.get("task") != "cncl" and meta.get("task_ref") != TASK_REF:
