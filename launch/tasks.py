@@ -105,7 +105,7 @@ def load_reconstructor(path: str | os.PathLike, **options: Any):
     """The :class:`patching.reconstruct.Reconstructor` of the checkpoint, run, ``latest``,
     ``step-N`` or export at ``path``, chosen by the task it records (``options``: ``device``,
     ``steps``, ``guidance``)."""
-    from patching.weights import describe
+    from patching.artifact import describe
 
     meta = describe(path)
     ref = meta.get("task_ref")
