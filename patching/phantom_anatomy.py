@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .phantom_body import BodyShape, smoothstep
+from .phantom_body import BodyShape
 from .phantom_trees import Attractors, grow_tree, sample_inside
 
 
