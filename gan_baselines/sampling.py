@@ -40,7 +40,7 @@ from patching.weights import CHECKPOINT_FORMAT, describe, model_state, resolve_w
 from patching.weights import read_json as _read_json
 from patching.xray_io import read_xray, resize_xray
 
-from . import x2ct_gan, x_recon
+from . import s_xr2ct, x2ct_gan, x_recon
 from .common import from_model_range
 
 # task name → (config class, its sections' classes, generator class)
@@ -49,8 +49,11 @@ GAN_TASKS: dict[str, tuple[type, dict[str, type], type]] = {
                                           "optim": x2ct_gan.GANOptimConfig}, x2ct_gan.X2CTGenerator),
     "x-recon": (x_recon.XReconConfig, {"model": x_recon.XReconModelConfig, "loss": x_recon.XReconLossConfig,
                                        "optim": x2ct_gan.GANOptimConfig}, x_recon.XReconGenerator),
+    "s-xr2ct": (s_xr2ct.SXR2CTConfig, {"model": s_xr2ct.SXR2CTModelConfig, "loss": s_xr2ct.SXR2CTLossConfig,
+                                       "optim": x2ct_gan.GANOptimConfig}, s_xr2ct.SXR2CTGenerator),
 }
-_TASK_REFS = {"gan_baselines.x2ct_gan.task:X2CTGANTask": "x2ct-gan", "gan_baselines.x_recon.task:XReconTask": "x-recon"}
+_TASK_REFS = {"gan_baselines.x2ct_gan.task:X2CTGANTask": "x2ct-gan", "gan_baselines.x_recon.task:XReconTask": "x-recon",
+              "gan_baselines.s_xr2ct.task:SXR2CTTask": "s-xr2ct"}
 
 
 @dataclass

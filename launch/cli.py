@@ -128,7 +128,7 @@ def _sample(args) -> int:
                                  guidance=args.guidance, num_samples=args.num_samples, seed=args.seed,
                                  device=args.device)
     else:
-        raise InputError("--checkpoint", f"a {task!r} checkpoint cannot sample; give an x2ct-gan, x-recon or diffusion one")
+        raise InputError("--checkpoint", f"a {task!r} checkpoint cannot sample; give an x2ct-gan, x-recon, s-xr2ct or diffusion one")
     for kind, path in files.items():
         print(f"  {kind:8s} {path}")
     return 0

@@ -6,7 +6,7 @@ at the case's shape. A method whose own output grid differs from the case's is r
 trilinear interpolation (:func:`to_shape`, ``align_corners=False``) and ``info["resampled"]`` /
 the per-case ``resampled`` flag say so.
 
-- :class:`GanMethod` — X2CT-GAN and X-Recon (:mod:`gan_baselines.sampling`): the EMA generator,
+- :class:`GanMethod` — X2CT-GAN, X-Recon and S-XR2CT (:mod:`gan_baselines.sampling`): the EMA generator,
   the case's stored X-rays resized to the model's size, the model's cube → HU by its preset's
   window → trilinear to the case's shape (``reconstruct_hu``). Deterministic.
 - :class:`DiffusionMethod` — the stage-2 model through
@@ -61,6 +61,7 @@ class Method(abc.ABC):
     stochastic: bool = False
     source: str = ""
     info: dict
+    views: tuple[str, ...] = ()  # the X-ray views the method reconstructs from (none: a baseline)
 
     @abc.abstractmethod
     def reconstruct(self, case: Case, *, seed: int = 0, num_samples: int = 1) -> np.ndarray:

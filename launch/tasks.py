@@ -19,6 +19,7 @@ TASKS: dict[str, str] = {
     "diffusion": "stage2_diffusion.task:DiffusionTask",
     "x2ct-gan": "gan_baselines.x2ct_gan.task:X2CTGANTask",
     "x-recon": "gan_baselines.x_recon.task:XReconTask",
+    "s-xr2ct": "gan_baselines.s_xr2ct.task:SXR2CTTask",
 }
 
 REQUIRED = ("default_config", "build_models", "build_optimizers", "build_dataset", "train_step")
