@@ -1,4 +1,4 @@
-"""The ``xray2ct`` command line (see ARCHITECTURE.md, "The command-line contract").
+"""The ``xray2ct`` command line (see docs/architecture.md, "The command-line contract").
 
 Exit status: 0 success, 2 bad input or usage (one line on stderr, no traceback), 1 anything else.
 Sub-commands import their heavy modules lazily so ``xray2ct --help`` is instant.
@@ -21,7 +21,7 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--store", required=True)
     p.add_argument("--num", type=int, required=True, help="number of cases")
     p.add_argument("--shape", type=int, nargs=3, metavar=("X", "Y", "Z"), default=None,
-                   help="voxels (default: the preset's shape)")
+                   help="voxels (default: the preset's shape); the voxel size is the preset's spacing")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--emboli", type=float, default=0.0, metavar="P", help="probability a case has emboli")
     p.add_argument("--preset", default="cpu-demo")
@@ -34,6 +34,11 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--store", required=True)
     p.add_argument("--preset", default="ctpa-512")
     p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--split", choices=["train", "val", "test"], default=None,
+                   help="split of the cases --splits does not list (default: a stable hash of the case id)")
+    p.add_argument("--splits", metavar="FILE", default=None,
+                   help="case id or source file name -> split: 'NAME SPLIT' lines, or one NAME per line in a "
+                        "file named train/val/test.txt (X2CT-GAN's LIDC lists)")
 
     p = dsub.add_parser("drr", help="render X-rays (DRRs) for a store, or for one CT file")
     p.add_argument("--store")
@@ -108,27 +113,11 @@ def _encode(args) -> int:
 
 
 def _sample(args) -> int:
-    from pathlib import Path
+    from launch.tasks import load_reconstructor
+    from patching.reconstruct import sample_files
 
-    from gan_baselines.sampling import GAN_TASKS, checkpoint_preset, checkpoint_task, sample_gan
-    from launch.presets import data_spec
-
-    task = checkpoint_task(args.checkpoint)
-    if args.pa is None and args.lateral is None:
-        raise InputError("--pa", "give at least one X-ray (--pa, and --lateral for biplanar models)")
-    if task in GAN_TASKS:
-        if args.num_samples != 1:
-            raise InputError("--num-samples", f"{task} is deterministic: one sample per X-ray")
-        files = sample_gan(Path(args.checkpoint), args.pa and Path(args.pa), args.lateral and Path(args.lateral),
-                           Path(args.out), data_spec(checkpoint_preset(args.checkpoint)), device=args.device or "cpu")
-    elif task == "diffusion":
-        from stage2_diffusion.pipeline import sample_diffusion
-
-        files = sample_diffusion(args.checkpoint, args.pa, args.lateral, args.out, steps=args.steps,
-                                 guidance=args.guidance, num_samples=args.num_samples, seed=args.seed,
-                                 device=args.device)
-    else:
-        raise InputError("--checkpoint", f"a {task!r} checkpoint cannot sample; give an x2ct-gan, x-recon, s-xr2ct or diffusion one")
+    rec = load_reconstructor(args.checkpoint, device=args.device, steps=args.steps, guidance=args.guidance)
+    files = sample_files(rec, args.pa, args.lateral, args.out, seed=args.seed, num_samples=args.num_samples)
     for kind, path in files.items():
         print(f"  {kind:8s} {path}")
     return 0
@@ -155,6 +144,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "device", None) is not None:
+            from patching.checks import resolve_device
+
+            resolve_device(args.device)
         if args.cmd == "data":
             from launch import cli_data
 

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from patching.errors import InputError
+from patching.checks import safe_name
+from patching.errors import InputError, StorageError
 from patching.store import Store
 
 
@@ -21,7 +22,7 @@ def _synth(args) -> int:
     store = Store(args.store, create=True)
     workers = args.workers or cpu_count()
     written = synthesize(store, args.num, shape, seed=args.seed, emboli=args.emboli, views=args.views,
-                         xray_size=args.xray_size, workers=workers)
+                         xray_size=args.xray_size, workers=workers, spacing_mm=spec.spacing_mm)
     print(f"{len(written)} phantom(s) written, {args.num - len(written)} already present -> {store.path}")
     return 0
 
@@ -29,16 +30,22 @@ def _synth(args) -> int:
 def _ingest(args) -> int:
     from launch.presets import data_spec
     from patching.ingest import ingest
+    from patching.splits import SplitAssignment, read_splits
 
     spec = data_spec(args.preset)
     for src in args.sources:
         if not os.path.exists(src):
             raise InputError(src, "no such file or directory")
+    splits = SplitAssignment(read_splits(args.splits) if args.splits else None, args.split)
     store = Store(args.store, create=True)
-    report = ingest(args.sources, store, spec, workers=max(1, args.workers))
+    report = ingest(args.sources, store, spec, workers=max(1, args.workers), splits=splits)
     for path, problem in report.failed:
         print(f"error: {path}: {problem}", file=sys.stderr)
-    print(f"ingested {len(report.ingested)}, skipped {len(report.skipped)} (already present), "
+    if report.unmatched:
+        shown = ", ".join(report.unmatched[:5]) + (" ..." if len(report.unmatched) > 5 else "")
+        print(f"warning: {args.splits}: {len(report.unmatched)} name(s) match no case: {shown}", file=sys.stderr)
+    moved = f", moved {len(report.resplit)} present case(s) to the stated split" if report.resplit else ""
+    print(f"ingested {len(report.ingested)}, skipped {len(report.skipped)} (already present){moved}, "
           f"failed {len(report.failed)} -> {store.path}")
     return 2 if report.failed else 0
 
@@ -85,37 +92,52 @@ def write_image(out: str, img: np.ndarray) -> None:
     path = Path(out)
     if path.suffix.lower() not in (".png", ".npy"):
         raise InputError(out, "output must end in .png or .npy")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_dir():
+        raise InputError(out, "is a directory; give an image file name")
     tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    if path.suffix.lower() == ".npy":
-        np.save(tmp, np.asarray(img, dtype=np.float32))
-    else:
-        Image.fromarray((np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)).save(tmp)
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.suffix.lower() == ".npy":
+            np.save(tmp, np.asarray(img, dtype=np.float32))
+        else:
+            Image.fromarray((np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)).save(tmp)
+        os.replace(tmp, path)
+    except OSError as err:  # a parent that is a file, a read-only or full disk
+        if tmp.parent.is_dir():
+            tmp.unlink(missing_ok=True)
+        raise StorageError.from_os(out, "cannot write the image", err) from None
 
 
 def inspect_table(store: Store) -> str:
-    rows = [("case", "shape", "spacing mm", "HU range", "views", "split", "labels", "status")]
+    rows = [("case", "source", "shape", "spacing mm", "HU range", "views", "split", "labels", "status")]
     for cid in store.case_ids():
         c = store.case(cid)
         labels = ",".join(f"{k}={v}" for k, v in c.labels.items() if k in ("embolus",)) or "-"
-        rows.append((cid, "x".join(map(str, c.shape)), "x".join(f"{s:g}" for s in c.spacing_mm),
+        rows.append((cid, str(c.attrs.get("source") or "-"), "x".join(map(str, c.shape)), "x".join(f"{s:g}" for s in c.spacing_mm),
                      f"{c.attrs['hu_min']}..{c.attrs['hu_max']}", ",".join(c.views()) or "-", c.split,
                      labels, "complete" + (" +latent" if c.has_latent else "")))
-    for p in store.incomplete():
-        rows.append((p.name, "?", "?", "?", "?", "?", "?", "incomplete"))
+    staging = store.staging()
+    half = [p for p in store.incomplete() if p.parent == store.cases_dir]  # unfinished groups in cases/
+    for p in half:
+        rows.append((p.name, "?", "?", "?", "?", "?", "?", "?", "incomplete"))
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(str(v).ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     counts = {s: len(store.case_ids(s)) for s in ("train", "val", "test")}
     lines.append(f"{len(rows) - 1} case(s): " + ", ".join(f"{k} {v}" for k, v in counts.items())
-                 + f", incomplete {len(store.incomplete())}")
+                 + f", incomplete {len(half)}")
+    if staging:  # work in progress of writers, not cases
+        stale = sum(1 for _, is_stale in staging if is_stale)
+        lines.append(f"staging: {len(staging)} entr{'y' if len(staging) == 1 else 'ies'} in .staging/ "
+                     f"({len(staging) - stale} of running writers, {stale} left by killed ones: "
+                     "removed by the next `data synth`, `data ingest`, `data drr` or `encode` on this store)")
     return "\n".join(lines)
 
 
 def _preview(args) -> int:
     from patching.preview import save_triplanar_png
 
+    safe_name(args.case, "--case", "case id")  # checked like an id read from a file
     store = Store(args.store)
     c = store.case(args.case)
     out = save_triplanar_png(args.out, np.asarray(c.ct[...]), c.spacing_mm,

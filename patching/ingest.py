@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 from .dicom_series import SliceHeader, is_dicom_file, load_dicom_series, read_header, series_folder
 from .errors import InputError
 from .spec import AIR_HU, VolumeSpec
+from .splits import SplitAssignment
 from .store import Store, sanitize_case_id
 
 __all__ = [
@@ -56,6 +57,8 @@ class IngestReport:
     ingested: list[str] = field(default_factory=list)                # case ids written
     skipped: list[str] = field(default_factory=list)                 # already complete in the store
     failed: list[tuple[str, str]] = field(default_factory=list)      # (file or folder, one-line problem)
+    resplit: list[str] = field(default_factory=list)                 # present cases moved to the stated split
+    unmatched: list[str] = field(default_factory=list)               # names of --splits that matched no case
 
 
 # ---- reading -----------------------------------------------------------------------------------
@@ -77,12 +80,38 @@ _NIFTI_ERRORS = (OSError, EOFError, ValueError, TypeError, zlib.error, gzip.BadG
                  nib.filebasedimages.ImageFileError, nib.spatialimages.HeaderDataError)
 
 
+# A CT of 16384 voxels a side or 2^31 voxels (8 GiB as float32) is no CT but a corrupt header:
+# refuse it before allocating (a 30000³ header would otherwise end as "out of memory").
+MAX_SIDE = 16384
+MAX_VOXELS = 2**31
+
+
+def _check_pixdim(path: Path, img) -> None:
+    """Voxel sizes as the file stores them (nibabel silently sets a zero to 1 and a negative to
+    its absolute value when it loads a header): zero or non-finite is an error; a negative size
+    is taken as its absolute value, as nibabel and the NIfTI-1 standard's readers do (the sign of
+    an axis lives in the qform/sform, not in pixdim)."""
+    from nibabel.openers import ImageOpener
+
+    try:
+        holder = img.file_map.get("header") or img.file_map["image"]  # .hdr of a pair, else the .nii
+        with ImageOpener(holder.filename) as f:
+            raw = type(img.header).from_fileobj(f, check=False)
+        pixdim = np.asarray(raw["pixdim"][1:4], dtype=np.float64)
+    except (OSError, ValueError, KeyError, TypeError, nib.spatialimages.HeaderDataError):
+        return  # a header nibabel read but cannot re-read raw (another format): its own checks apply
+    if not np.all(np.isfinite(pixdim)) or np.any(pixdim == 0):
+        raise InputError(path, f"voxel size (pixdim) {tuple(float(v) for v in pixdim)} must be non-zero and finite")
+
+
 def load_nifti(path: str | os.PathLike) -> tuple[np.ndarray, tuple[float, float, float], np.ndarray]:
     """Read a 3D NIfTI volume as canonical RAS+ float32 HU.
 
     scl_slope/scl_inter are applied (nibabel's scaling). A 4D file whose extra axes are all of
     size 1 is squeezed; a real 4D (several volumes), 2D or single-slice file is an error, as are
-    NaN/Inf voxels and truncated or corrupt files. Returns ``(hu, spacing_mm, affine)``.
+    NaN/Inf voxels, truncated or corrupt files, a zero or non-finite voxel size (pixdim; a
+    negative one is taken as its absolute value) and a header claiming an implausible size.
+    Returns ``(hu, spacing_mm, affine)``.
     """
     path = Path(path)
     if not path.is_file():
@@ -96,6 +125,10 @@ def load_nifti(path: str | os.PathLike) -> tuple[np.ndarray, tuple[float, float,
             raise InputError(path, f"is a {len(shape)}D image with {int(np.prod(shape[3:]))} volumes (shape {shape}); need a single 3D volume")
         if min(shape[:3]) < 2:
             raise InputError(path, f"has a single slice (shape {shape}); need a 3D volume")
+        if max(shape[:3]) > MAX_SIDE or int(np.prod(shape[:3], dtype=np.int64)) > MAX_VOXELS:
+            raise InputError(path, f"implausible size: the header claims {'x'.join(map(str, shape[:3]))} voxels "
+                                   f"(at most {MAX_SIDE} a side and {MAX_VOXELS:.2g} in all); a corrupt header?")
+        _check_pixdim(path, img)
         if not np.all(np.isfinite(img.affine)) or abs(np.linalg.det(img.affine[:3, :3])) < 1e-12:
             raise InputError(path, "has a singular or non-finite affine")
         canonical = nib.as_closest_canonical(img)
@@ -282,7 +315,15 @@ def discover(sources: Sequence[str | os.PathLike], *, executor: Executor | None 
 
 # ---- ingest ---------------------------------------------------------------------------------------
 
-def _ingest_job(job: _Job, store_path: str, spec: VolumeSpec) -> tuple[str, str, str]:
+def job_names(job: _Job) -> tuple[str, ...]:
+    """The names a splits file may use for a case: its id, its source file name (and stem), the
+    folder of its DICOM series (matched in memory only, never stored)."""
+    if job.kind == "nifti":
+        return (job.case_id, job.where.name, _nifti_stem(job.where))
+    return (job.case_id, job.where.name)
+
+
+def _ingest_job(job: _Job, store_path: str, spec: VolumeSpec, split: str | None = None) -> tuple[str, str, str]:
     """Read, resample and store one case: ``(status, case_id or path, problem)``.
 
     Runs in a worker process; it holds one case in memory at a time.
@@ -298,7 +339,7 @@ def _ingest_job(job: _Job, store_path: str, spec: VolumeSpec) -> tuple[str, str,
         out = resample_to_spec(hu, spacing, spec)
         out_affine = resampled_affine(affine, hu.shape, spacing, spec)
         del hu
-        written = store.write_case(job.case_id, out, spec.spacing_mm, out_affine, source=job.source, split=None)
+        written = store.write_case(job.case_id, out, spec.spacing_mm, out_affine, source=job.source, split=split)
         return ("ingested" if written else "skipped"), job.case_id, ""
     except InputError as e:
         known = {str(job.where), *map(str, job.files)}   # name the file when the error does
@@ -312,8 +353,12 @@ def _ingest_job(job: _Job, store_path: str, spec: VolumeSpec) -> tuple[str, str,
 
 
 def ingest(sources: Sequence[str | os.PathLike], store: Store, spec: VolumeSpec, *,
-           workers: int = 1, progress: bool = True) -> IngestReport:
+           workers: int = 1, progress: bool = True, splits: SplitAssignment | None = None) -> IngestReport:
     """Ingest NIfTI files and DICOM series from ``sources`` into ``store`` on ``spec``'s grid.
+
+    ``splits`` (:class:`patching.splits.SplitAssignment`) gives each case its split by name;
+    cases already present are moved to a split stated for them (:attr:`IngestReport.resplit`).
+    Without it, the store's hash of the case id decides.
 
     ``workers > 1`` reads, resamples and writes cases in that many processes (forkserver: a
     clean interpreter, safe next to the threads of zarr and tqdm); ``workers=1`` runs in this
@@ -331,9 +376,17 @@ def ingest(sources: Sequence[str | os.PathLike], store: Store, spec: VolumeSpec,
     try:
         jobs, failed = discover(sources, executor=executor, progress=progress)
         report.failed.extend(failed)
-        todo = []
+        todo, split_of = [], {}
         for job in jobs:  # skip finished cases before any pixel data is read
-            (report.skipped.append(job.case_id) if store.has_case(job.case_id) else todo.append(job))
+            split_of[job.case_id] = splits.split_of(job_names(job)) if splits is not None else None
+            if not store.has_case(job.case_id):
+                todo.append(job)
+                continue
+            report.skipped.append(job.case_id)
+            if split_of[job.case_id] is not None and store.set_split(job.case_id, split_of[job.case_id]):
+                report.resplit.append(job.case_id)
+        if splits is not None:
+            report.unmatched = splits.unmatched()
         bar = tqdm(total=len(todo), desc="ingest", unit="case", disable=not progress)
 
         def record(result: tuple[str, str, str]) -> None:
@@ -346,9 +399,10 @@ def ingest(sources: Sequence[str | os.PathLike], store: Store, spec: VolumeSpec,
 
         if executor is None:
             for job in todo:
-                record(_ingest_job(job, str(store.path), spec))
+                record(_ingest_job(job, str(store.path), spec, split_of[job.case_id]))
         else:
-            futures = {executor.submit(_ingest_job, job, str(store.path), spec): job for job in todo}
+            futures = {executor.submit(_ingest_job, job, str(store.path), spec, split_of[job.case_id]): job
+                       for job in todo}
             for fut in as_completed(futures):
                 try:
                     record(fut.result())
@@ -361,4 +415,5 @@ def ingest(sources: Sequence[str | os.PathLike], store: Store, spec: VolumeSpec,
     report.ingested.sort()
     report.skipped.sort()
     report.failed.sort()
+    report.resplit.sort()
     return report

@@ -46,7 +46,7 @@ def render_views(hu: np.ndarray, spacing_mm, views: Sequence[str], size: int) ->
 
 
 def _synth_one(store_path: str, case_id: str, shape, seed: int, emboli: bool, split: str,
-               views: Sequence[str], size: int) -> tuple[str, bool]:
+               views: Sequence[str], size: int, fov_mm=None) -> tuple[str, bool]:
     import torch
 
     from .phantom import synth_chest
@@ -55,7 +55,7 @@ def _synth_one(store_path: str, case_id: str, shape, seed: int, emboli: bool, sp
     store = Store(store_path)
     if store.has_case(case_id):
         return case_id, False
-    ph = synth_chest(tuple(shape), seed=seed, emboli=emboli)
+    ph = synth_chest(tuple(shape), seed=seed, emboli=emboli, **({} if fov_mm is None else {"fov_mm": fov_mm}))
     masks = {"embolus": ph.embolus_mask} if ph.embolus_mask is not None else None
     rendered = render_views(ph.hu, ph.spacing_mm, views, size) if views else None
     written = store.write_case(
@@ -67,8 +67,11 @@ def _synth_one(store_path: str, case_id: str, shape, seed: int, emboli: bool, sp
 
 def synthesize(store: Store, num: int, shape: Sequence[int] = (64, 64, 64), *, seed: int = 0,
                emboli: float = 0.0, views: Sequence[str] = VIEWS, xray_size: int | None = None,
-               workers: int = 1, progress: bool = True) -> list[str]:
+               workers: int = 1, progress: bool = True, spacing_mm: Sequence[float] | None = None) -> list[str]:
     """Write ``num`` phantoms (ids ``phantom-s<seed>-<i>``) with X-rays into ``store``.
+
+    ``spacing_mm`` fixes the voxel size (field of view = shape × spacing, e.g. a preset's grid:
+    512×512×604 at 0.7×0.7×0.6 mm); by default the phantom's 360 mm cube is divided by ``shape``.
 
     Splits are by index (last 10 % test, 10 % val). Cases already complete are skipped, so a
     re-run finishes an interrupted one. Returns the ids written now.
@@ -87,22 +90,23 @@ def synthesize(store: Store, num: int, shape: Sequence[int] = (64, 64, 64), *, s
     for i in range(num):
         cs = case_seed(seed, i)
         has_emboli = bool(np.random.default_rng(cs).random() < emboli)
+        fov = None if spacing_mm is None else tuple(float(n) * float(s) for n, s in zip(shape, spacing_mm, strict=True))
         jobs.append((str(store.path), f"phantom-s{seed}-{i:04d}", tuple(shape), cs, has_emboli,
-                     split_by_index(i, num), tuple(views), size))
+                     split_by_index(i, num), tuple(views), size, fov))
     written = []
-    bar = tqdm(total=num, desc="phantoms", unit="case", disable=not progress)
-    if workers <= 1:
-        for job in jobs:
-            cid, ok = _synth_one(*job)
-            written += [cid] if ok else []
-            bar.update()
-    else:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            for fut in as_completed([pool.submit(_synth_one, *job) for job in jobs]):
-                cid, ok = fut.result()
+    # `with`: the bar ends its line even when a write fails, so the error message starts a line.
+    with tqdm(total=num, desc="phantoms", unit="case", disable=not progress) as bar:
+        if workers <= 1:
+            for job in jobs:
+                cid, ok = _synth_one(*job)
                 written += [cid] if ok else []
                 bar.update()
-    bar.close()
+        else:
+            with ProcessPoolExecutor(max_workers=workers) as pool:
+                for fut in as_completed([pool.submit(_synth_one, *job) for job in jobs]):
+                    cid, ok = fut.result()
+                    written += [cid] if ok else []
+                    bar.update()
     return sorted(written)
 
 

@@ -224,17 +224,22 @@ class Stage2Config:
 
     Args:
         latent_shape: whole-volume latent ``(x, y, z)`` (image shape / stage-1 downsampling).
+            The presets give the design's grid; the training task reads the real one from the
+            store's latents (``None`` there = derived, see ``stage2_diffusion.task``) and
+            records it in the checkpoint, which is where sampling reads it.
     """
 
     encoder: XrayEncoderConfig = field(default_factory=XrayEncoderConfig)
     unet: UNetConfig = field(default_factory=UNetConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
-    latent_shape: tuple[int, int, int] = (16, 16, 16)
+    latent_shape: tuple[int, int, int] | None = (16, 16, 16)
 
     def __post_init__(self) -> None:
-        self.latent_shape = tuple(self.latent_shape)
-        _need(_ints(self.latent_shape, 3), "latent_shape", "needs three positive integers", self.latent_shape)
+        if self.latent_shape is not None:
+            self.latent_shape = tuple(self.latent_shape)
+            _need(_ints(self.latent_shape, 3), "latent_shape", "needs three positive integers or none",
+                  self.latent_shape)
         if self.unet.context_dim != self.encoder.token_dim:
             raise InputError("unet.context_dim", f"must equal encoder.token_dim {self.encoder.token_dim}, "
                                                  f"got {self.unet.context_dim}")

@@ -9,8 +9,14 @@ A step (docs/stage2_diffusion.md): ``t``, ``ε`` and the CFG drop mask are drawn
 ``ctx.generator``; ``x_t = √ᾱ x0 + √(1−ᾱ) ε``; the model predicts ε or v (``diffusion.
 prediction_type``) with the crop's coordinates in the whole latent; MSE in float32.
 
+What the data says is read from it, not from the preset: the whole-latent shape
+(``latent_shape``, None in the task's presets) is the one the training split's latents share
+(:func:`store_latent_shape`; ``--set latent_shape=X,Y,Z`` fixes it, a ``data.crop`` allows mixed
+shapes) and is written into the run config; the output volume's shape, spacing and HU window
+are those of the store's cases and the VQ-GAN.
+
 Extra state (saved in every checkpoint and export): the latent scale factor, the exact VQ-GAN
-reference of the latents (path, sha256 of its weights, codec settings) and the data spec
+reference of the latents (path, sha256 of its weights, codec settings) and the volume geometry
 (shape, spacing, HU window), so that :func:`stage2_diffusion.pipeline.sample_diffusion` needs
 only the stage-2 checkpoint.
 
@@ -98,8 +104,32 @@ class DiffusionTaskConfig(Stage2Config):
 
 
 def task_config(name: str) -> DiffusionTaskConfig:
+    """The preset's sections with ``latent_shape=None``: training reads it from the store
+    (``--set latent_shape=X,Y,Z`` fixes it instead)."""
     base = stage2_preset(name)
-    return DiffusionTaskConfig(**{k: getattr(base, k) for k in base.__dataclass_fields__})
+    return DiffusionTaskConfig(**{k: getattr(base, k) for k in base.__dataclass_fields__ if k != "latent_shape"},
+                               latent_shape=None)
+
+
+def store_latent_shape(case_ids: list[str], shapes: list[tuple[int, ...]], *, mixed_ok: bool,
+                       where: str) -> tuple[int, int, int]:
+    """The whole-latent ``(x, y, z)`` the training cases share.
+
+    All cases must agree unless ``mixed_ok`` (training on crops): then the most common shape
+    (ties: the first case's) is the one sampling will produce. Otherwise the error names the
+    first case whose latent differs from the others.
+    """
+    spatial = [tuple(int(v) for v in s[1:]) for s in shapes]
+    counts: dict[tuple[int, int, int], int] = {}
+    for s in spatial:
+        counts[s] = counts.get(s, 0) + 1
+    common = max(counts, key=lambda s: (counts[s], -spatial.index(s)))
+    if len(counts) > 1 and not mixed_ok:
+        odd = next(i for i, s in enumerate(spatial) if s != common)
+        raise InputError(where, f"case {case_ids[odd]!r} has a latent of {spatial[odd]}, the other "
+                                f"{counts[common]} training case(s) {common}: whole-latent training needs one "
+                                "shape (re-ingest that case, or set data.crop and latent_shape)")
+    return common
 
 
 class DiffusionModel(nn.Module):
@@ -128,7 +158,7 @@ class DiffusionTask:
         self.scale_factor: float | None = None
         self.vqgan: dict | None = None
         self.spec = None
-        self.latent_shapes: list | None = None
+        self.volume: dict | None = None  # geometry of the sampled volumes (extra state)
         self.store = None
         self.rank = 0
         self._val: tuple[LatentDataset | None, list[int]] | None = None
@@ -163,13 +193,35 @@ class DiffusionTask:
         if dim is not None and int(dim) != cfg.unet.latent_channels:
             raise InputError("unet.latent_channels", f"is {cfg.unet.latent_channels}, the store's latents have "
                                                      f"{dim} channels (VQ-GAN latent_dim)")
-        if cfg.data.crop is None:
+        if cfg.latent_shape is None:  # derived from the data; recorded in the run config it saves
+            cfg.latent_shape = store_latent_shape(ds.case_ids, ds.shapes, mixed_ok=cfg.data.crop is not None,
+                                                  where=ds.store_path)
+        elif cfg.data.crop is None:
             bad = [(cid, s[1:]) for cid, s in zip(ds.case_ids, ds.shapes, strict=True) if tuple(s[1:]) != tuple(cfg.latent_shape)]
             if bad:
                 raise InputError("latent_shape", f"is {tuple(cfg.latent_shape)}, but case {bad[0][0]!r} has a latent of "
-                                                 f"{bad[0][1]}; set latent_shape (or a data.crop)")
+                                                 f"{bad[0][1]}; leave latent_shape unset (read from the store) or set a data.crop")
         self.scale_factor, self.vqgan = ds.scale_factor, ds.vqgan
+        self.volume = self._volume_geometry(store, ds, preset)
         return ds
+
+    def _volume_geometry(self, store, ds: LatentDataset, spec) -> dict:
+        """Shape, spacing and HU window of the volumes sampling will write: the store's cases whose
+        latent has ``latent_shape`` (their most common spacing), the VQ-GAN's HU window."""
+        opened = store if isinstance(store, Store) else Store(store)
+        f = int(ds.vqgan.get("downsample") or 1)
+        shape = [int(n) * f for n in self.cfg.latent_shape]
+        spacings: dict[tuple[float, ...], int] = {}
+        for cid, s in zip(ds.case_ids, ds.shapes, strict=True):
+            if tuple(s[1:]) == tuple(self.cfg.latent_shape):
+                sp = tuple(float(v) for v in opened.case(cid).spacing_mm)
+                spacings[sp] = spacings.get(sp, 0) + 1
+        if spacings:
+            spacing = list(max(spacings, key=spacings.get))
+        else:  # a latent_shape no case has (set by the user): the preset's spacing
+            spacing = [float(v) for v in spec.spacing_mm] if spec is not None else [1.0, 1.0, 1.0]
+        window = ds.vqgan.get("hu_window") or (spec.hu_window if spec is not None else (-1024.0, 1600.0))
+        return {"shape": shape, "spacing_mm": spacing, "hu_window": [float(v) for v in window]}
 
     def collate_fn(self, samples: list[dict]) -> dict[str, Tensor]:
         return collate(samples)
@@ -193,12 +245,10 @@ class DiffusionTask:
         """Scale factor, VQ-GAN reference and data spec: everything sampling needs besides the weights."""
         if self.scale_factor is None:
             return {}
-        spec = self.spec
         state = {"latent_scale_factor": float(self.scale_factor),
                  "vqgan": json.loads(json.dumps(self.vqgan))}
-        if spec is not None:
-            state["volume"] = {"shape": [int(s) for s in spec.shape], "spacing_mm": [float(s) for s in spec.spacing_mm],
-                               "hu_window": [float(v) for v in spec.hu_window]}
+        if self.volume is not None:
+            state["volume"] = json.loads(json.dumps(self.volume))
         return state
 
     def load_extra_state(self, state: dict) -> None:

@@ -39,6 +39,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from patching.errors import InputError
+from patching.pretrained import Pretrained
 
 from ..common import branch_to_volume, check_volume, check_xrays, expand_to_branch, init_weights
 from ..x2ct_gan.model import PatchDiscriminator3D, conv3d_block, output_activation, up3d_block
@@ -151,16 +152,19 @@ class SwinAttention3D(nn.Module):
         return self.layer(x)
 
 
-class SXR2CTGenerator(nn.Module):
+class SXR2CTGenerator(Pretrained):
     """S-XR2CT's generator: ``forward(pa) → B×1×N×N×N`` (RAS+, ``cfg.value_range``).
 
     ``pa`` is ``B×1×xray_size×xray_size`` in [0, 1]; bad input (another view, wrong shape)
-    raises :class:`~patching.errors.InputError`. ``template`` is the template CT parameter.
+    raises :class:`~patching.errors.InputError`. ``template`` is the template CT parameter
+    (in the state dict: checkpoints, exports and ``save_pretrained`` carry it).
     """
+
+    config_class = SXR2CTModelConfig
 
     def __init__(self, cfg: SXR2CTModelConfig):
         super().__init__()
-        self.cfg = cfg
+        cfg = self.cfg = self.init_config(cfg)
         ch = cfg.encoder_channels
         n, top = cfg.volume_size, len(ch) - 1
         self.mapping = MappingNetwork2D(cfg)

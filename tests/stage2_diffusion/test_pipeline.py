@@ -38,8 +38,9 @@ def test_sample_writes_volumes_and_is_deterministic(setup, tmp_path):
     assert {"nifti", "zarr", "preview", "sample_1", "mean", "std", "metadata"} <= set(a)
     img = nib.load(a["nifti"])
     assert img.shape == (32, 32, 32) and img.get_data_dtype() == np.int16
-    assert img.header.get_zooms() == pytest.approx((5.625, 5.625, 5.625))
-    assert sitk.ReadImage(str(a["nifti"])).GetSpacing() == pytest.approx((5.625, 5.625, 5.625))  # the same in ITK
+    spacing = (11.25, 11.25, 11.25)  # the store's 32³ phantoms (360 mm / 32), not the cpu-demo preset's 5.625
+    assert img.header.get_zooms() == pytest.approx(spacing)
+    assert sitk.ReadImage(str(a["nifti"])).GetSpacing() == pytest.approx(spacing)  # the same in ITK
     hu0 = np.asarray(img.dataobj)
     hu1 = np.asarray(nib.load(a["sample_1"]).dataobj)
     assert not np.array_equal(hu0, hu1)  # two noise draws
@@ -83,7 +84,7 @@ def test_reconstructor_matches_sample_diffusion_bit_for_bit(setup, tmp_path):
     files = sample_diffusion(run, pa, lat, tmp_path / "a", steps=2, num_samples=2, seed=5, progress=False)
     rec = DiffusionReconstructor(run, steps=2)
     assert rec.views == ("pa", "lateral") and rec.volume_shape == (32, 32, 32)
-    assert rec.spacing_mm == (5.625, 5.625, 5.625) and rec.hu_window == (-1024.0, 1600.0)
+    assert rec.spacing_mm == (11.25, 11.25, 11.25) and rec.hu_window == (-1024.0, 1600.0)
     assert rec.step == 2 * N and rec.weights == "ema" and rec.source == run / "checkpoints" / f"step-{2 * N}"
     xrays = {"pa": np.load(pa), "lateral": np.load(lat)}
     hu = rec.reconstruct(xrays, seed=5, num_samples=2)

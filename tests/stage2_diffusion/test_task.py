@@ -101,7 +101,8 @@ def trained_run(tmp_path_factory) -> Path:
 def test_presets_resolve_and_bad_crop_is_an_input_error():
     task = DiffusionTask()
     demo = build_run_config(task, "cpu-demo", [])
-    assert demo.latent_shape == (16, 16, 16) and demo.data.crop is None and demo.train.lr == 2e-4
+    assert demo.latent_shape is None and demo.data.crop is None and demo.train.lr == 2e-4  # None: from the store
+    assert build_run_config(task, "cpu-demo", ["latent_shape=8,8,10"]).latent_shape == (8, 8, 10)
     big = build_run_config(task, "ctpa-512", ["data.crop=64,64,64"])
     assert big.data.crop == (64, 64, 64) and big.unet.gradient_checkpointing
     with pytest.raises(InputError, match="data.crop"):
@@ -240,7 +241,7 @@ def test_cli_trains_and_resume_is_bit_identical(tmp_path_factory, tmp_path):
     assert extra["latent_scale_factor"] == store_attrs["latent_scale_factor"]
     assert extra["vqgan"]["weights_sha256"] == store_attrs["latent_vqgan"]["weights_sha256"]
     assert extra["vqgan"]["source"] == store_attrs["latent_vqgan"]["source"]
-    assert extra["volume"]["spacing_mm"] == [5.625] * 3
+    assert extra["volume"] == {"shape": [32, 32, 32], "spacing_mm": [11.25] * 3, "hu_window": [-1024.0, 1600.0]}  # the data
 
     # The resumed run validates after every step, the straight one never: the same weights, EMA
     # and optimizer state prove that validation leaves training's RNG, weights and data alone.
