@@ -21,6 +21,7 @@ TASKS: dict[str, str] = {
     "x2ct-gan": "gan_baselines.x2ct_gan.task:X2CTGANTask",
     "x-recon": "gan_baselines.x_recon.task:XReconTask",
     "s-xr2ct": "gan_baselines.s_xr2ct.task:SXR2CTTask",
+    "cncl": "gan_baselines.cncl.task:CNCLTask",
 }
 
 # Reconstructors: a checkpoint's task → the ``module:Class`` of its
