@@ -107,13 +107,15 @@ def load_reconstructor(path: str | os.PathLike, **options: Any):
     """The :class:`patching.reconstruct.Reconstructor` of the checkpoint, run, ``latest``,
     ``step-N`` or export at ``path``, chosen by the task it records (``options``: ``device``,
     ``steps``, ``guidance``)."""
-    from patching.weights import describe
+    from patching.artifact import describe
 
     meta = describe(path)
     ref = meta.get("task_ref")
     task = next((name for name, r in TASKS.items() if r == ref), None) or str(meta.get("task"))
     if task not in RECONSTRUCTORS:
+        hint = "; it denoises CTs: xray2ct denoise --checkpoint PATH --input CT.nii.gz --out OUT.nii.gz" \
+            if task == "cncl" else ""
         raise InputError(path, f"is a {task!r} checkpoint, which does not reconstruct CTs from X-rays "
-                               f"(give one of: {', '.join(RECONSTRUCTORS)})")
+                               f"(give one of: {', '.join(RECONSTRUCTORS)}){hint}")
     module_name, _, attr = RECONSTRUCTORS[task].partition(":")
     return getattr(importlib.import_module(module_name), attr).from_path(path, **options)
