@@ -115,6 +115,9 @@ def main(argv=None) -> int:
     methods = {m: Path(given.get(m, args.work / m / METHODS[m][0])) for m in args.methods}
     report = evaluate(store_path, methods, args.work / "evaluation", split=args.split, device="cpu",
                       lpips_weights=lpips, command=" ".join(sys.argv))
+    for m in given:  # trained earlier: record what the evaluation read from the checkpoint
+        info = report["methods"].get(m, {})
+        runs[m] = {"steps": info.get("step"), "run": str(methods[m]), "trained": "before this run (--checkpoint)"}
     print((args.work / "evaluation" / "summary.md").read_text())
     if not args.no_record:
         summary = {row["method"]: {m: v["mean"] for m, v in row["metrics"].items() if v.get("mean") is not None}
