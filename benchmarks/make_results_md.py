@@ -111,7 +111,8 @@ def main() -> int:
             parts.append(f"![{title}: {figs[0].stem}](images/{dst.name})\n\n"
                          f"*{figs[0].stem}: one row per method and the ground truth; axial, coronal, sagittal "
                          "slices and the PA DRR of each volume.*\n")
-    if args.cncl_json is not None and args.cncl_json.is_file():
+    cncl_there = args.append and "\n## CNCL:" in existing  # appending: the CNCL section is not added twice
+    if args.cncl_json is not None and args.cncl_json.is_file() and not cncl_there:
         parts.append(cncl_section(json.loads(args.cncl_json.read_text())))
     args.out.write_text("\n".join(parts))
     print(f"wrote {args.out}")
