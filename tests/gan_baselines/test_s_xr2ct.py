@@ -158,7 +158,7 @@ def test_overfits_one_case(store):
     template_mse = float(F.mse_loss(G.template, target))
     opt = torch.optim.Adam(G.parameters(), lr=3e-3)
     first = None
-    for _ in range(120):
+    for _ in range(160):
         g = s_xr2ct.generator_losses(G(x), target, {"pa": x}, D, cfg)
         first = float(g["recon"]) if first is None else first
         opt.zero_grad()
