@@ -133,8 +133,8 @@ class X2CTGANTask:
         cond = self.module.condition(xrays, cfg.model)
         d_loss = self.module.discriminator_loss(models["discriminator"], target, fake.detach(), cond)
         ctx.backward(d_loss, "discriminator")
-        return {"g_loss": g["total"].detach(), "g_recon": g["recon"].detach(), "g_proj": g["proj"].detach(),
-                "g_adv": g["adv"].detach(), "d_loss": d_loss.detach()}
+        terms = {f"g_{k}": v.detach() for k, v in g.items() if k != "total"}  # g_recon, g_proj, g_adv, ...
+        return {"g_loss": g["total"].detach(), **terms, "d_loss": d_loss.detach()}
 
     # --- validation ------------------------------------------------------------------------------
 
