@@ -57,7 +57,7 @@ BF16_DENSE_PEAK = (
     (r"H100.*PCIe", 756e12), (r"H100.*NVL", 835e12), (r"H100|GH200", 989e12), (r"H200", 989e12),
     (r"B200", 2250e12), (r"A100", 312e12), (r"L40S", 362e12), (r"A10G", 70e12), (r"RTX 4090", 165e12),
 )
-GOALS = {"sampling_s": 30.0, "sampling_peak_gb": 24.0}
+GOALS = {"sampling_s": 30.0, "sampling_peak_gb": 24.0, "run_s": 480.0}
 # --smoke widths: every preset section shrunk, the structure (levels, attention, checkpointing) kept.
 SMOKE_VQGAN = ["model.base_channels=8", "model.norm_groups=4", "model.codebook_size=64", "disc.channels=8",
                "disc.num_layers=2", "data.tile=16,16,16", "codec.tile_latent=4,4,4"]
@@ -407,9 +407,12 @@ def main(argv=None) -> int:
         env["xformers"] = xformers.__version__
     except ImportError:
         pass
+    total = time.perf_counter() - t_all
     report = {"benchmark": "gpu-acceptance", "smoke": run.smoke, "environment": env,
-              "total_s": round(time.perf_counter() - t_all, 1), "parts": results, "not_run": not_run,
+              "total_s": round(total, 1), "parts": results, "not_run": not_run,
               "failed": failed, "bf16_dense_peak_flops": run.peak}
+    if run.cuda:
+        report["goals"] = {"whole run <= 480 s": total <= GOALS["run_s"]}
     slug = "cpu-smoke" if run.smoke else re.sub(r"[^A-Za-z0-9]+", "-", run.name).strip("-").lower()
     out = args.out or REPO / "benchmarks" / "results" / f"gpu-acceptance-{slug}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
