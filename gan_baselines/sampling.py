@@ -23,7 +23,7 @@ X-rays (``preview.png``). Every file is written aside and renamed into place.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,23 +31,24 @@ import numpy as np
 import torch
 from torch import nn
 
+from patching.artifact import describe, model_state, read_run, resolve_weights, task_config
+from patching.checks import resolve_device
 from patching.errors import InputError
 from patching.reconstruct import Reconstructor, sample_files
 from patching.spec import VolumeSpec, data_spec
-from patching.weights import describe, model_state, read_run, resolve_weights
 from patching.xray_io import resize_xray
 
-from . import x2ct_gan, x_recon
+from . import s_xr2ct, x2ct_gan, x_recon
 from .common import from_model_range
 
-# task name → (config class, its sections' classes, generator class)
-GAN_TASKS: dict[str, tuple[type, dict[str, type], type]] = {
-    "x2ct-gan": (x2ct_gan.X2CTGANConfig, {"model": x2ct_gan.X2CTGANModelConfig, "loss": x2ct_gan.X2CTGANLossConfig,
-                                          "optim": x2ct_gan.GANOptimConfig}, x2ct_gan.X2CTGenerator),
-    "x-recon": (x_recon.XReconConfig, {"model": x_recon.XReconModelConfig, "loss": x_recon.XReconLossConfig,
-                                       "optim": x2ct_gan.GANOptimConfig}, x_recon.XReconGenerator),
+# task name → (config class, generator class)
+GAN_TASKS: dict[str, tuple[type, type]] = {
+    "x2ct-gan": (x2ct_gan.X2CTGANConfig, x2ct_gan.X2CTGenerator),
+    "x-recon": (x_recon.XReconConfig, x_recon.XReconGenerator),
+    "s-xr2ct": (s_xr2ct.SXR2CTConfig, s_xr2ct.SXR2CTGenerator),
 }
-_TASK_REFS = {"gan_baselines.x2ct_gan.task:X2CTGANTask": "x2ct-gan", "gan_baselines.x_recon.task:XReconTask": "x-recon"}
+_TASK_REFS = {"gan_baselines.x2ct_gan.task:X2CTGANTask": "x2ct-gan", "gan_baselines.x_recon.task:XReconTask": "x-recon",
+              "gan_baselines.s_xr2ct.task:SXR2CTTask": "s-xr2ct"}
 
 
 @dataclass
@@ -63,21 +64,7 @@ class LoadedGenerator:
     source: Path
 
 
-# --- finding and reading weights: patching.weights (shared by every sampler) -----------------
-
-
-def _build_config(task: str, data: dict, source: Path) -> Any:
-    """The task's config from the saved (resolved) run config; the engine's ``train`` is ignored."""
-    cls, sections, _ = GAN_TASKS[task]
-    kwargs = {}
-    for name, section_cls in sections.items():
-        given = dict(data.get(name) or {})
-        known = {f.name for f in fields(section_cls)}
-        kwargs[name] = section_cls(**{k: v for k, v in given.items() if k in known})
-    try:
-        return cls(**kwargs)
-    except TypeError as err:
-        raise InputError(source, f"config does not fit {task}: {err}") from None
+# --- finding and reading weights: patching.artifact (shared by every sampler) -----------------
 
 
 def checkpoint_preset(path: str | os.PathLike) -> str:
@@ -100,15 +87,15 @@ def load_generator(path: str | os.PathLike, device: str | torch.device = "cpu") 
     if task not in GAN_TASKS:
         raise InputError(where, f"is a checkpoint of task {meta.get('task')!r}, not of a GAN baseline "
                                 f"({', '.join(GAN_TASKS)})")
-    cfg = _build_config(task, run_cfg, where)
+    cfg = task_config(GAN_TASKS[task][0], run_cfg, where)
     state, weights = model_state(kind, where, "generator", meta if kind == "export" else None)
-    generator = GAN_TASKS[task][2](cfg.model)
+    generator = GAN_TASKS[task][1](cfg.model)
     try:
         generator.load_state_dict(state)
     except RuntimeError as err:
         first = str(err).splitlines()[0]
         raise InputError(where, f"generator weights do not match the saved {task} config ({first})") from None
-    generator.to(device).eval()
+    generator.to(resolve_device(device)).eval()
     return LoadedGenerator(task, str(meta.get("preset", "")), int(meta.get("step", 0)), cfg, generator, weights, where)
 
 

@@ -29,14 +29,16 @@ host memory during a save (model + optimizer state once) — fine up to a few GB
 Publishing: files are written into ``checkpoints/.tmp-step-<N>-<token>/``, fsynced, the
 directory renamed to ``step-<N>`` and ``checkpoints/latest`` (a one-line text file naming the
 directory) replaced through a rename. A process killed at any point leaves the previous
-checkpoint and ``latest`` intact; the stale ``.tmp-*`` directory is removed by the next save.
+checkpoint and ``latest`` intact; ``<token>`` names the writer (:mod:`patching.staging`), so
+the next save removes stale ``.tmp-*`` directories and never a live writer's. A write the file
+system refuses on any rank removes the staging directory on every rank's agreement and raises
+one :class:`~patching.errors.StorageError` line (docs/reliability.md).
 """
 
 from __future__ import annotations
 
 import os
 import random
-import re
 import secrets
 import shutil
 import sys
@@ -49,19 +51,18 @@ from typing import Any
 import numpy as np
 import torch
 
+from patching.artifact import CHECKPOINT_FORMAT as FORMAT
+from patching.artifact import CHECKPOINT_VERSION as VERSION
+from patching.artifact import LATEST, pointed_checkpoint, read_checkpoint_meta, step_name
+from patching.artifact import STEP_RE as _STEP_RE
 from patching.errors import InputError, StorageError
 from patching.staging import clean_stale, host_id, owner_tag
-from patching.weights import CHECKPOINT_FORMAT as FORMAT
-from patching.weights import CHECKPOINT_VERSION as VERSION
-from patching.weights import read_checkpoint_meta
 
-LATEST = "latest"
 # What load_checkpoint reads from meta.json (read_checkpoint_meta adds format, version, step).
 RESUME_KEYS: dict[str, Any] = {
     "models": list, "optimizers": dict, "schedulers": list, "world_size": int, "data": dict,
     "epoch": int, "position": int, "nonfinite_streak": int, "nonfinite_total": int,
 }
-_STEP_RE = re.compile(r"^step-(\d+)$")
 # Testing knob: seconds to sleep after each file a checkpoint writer closes, so a test can
 # kill the process in the middle of a write. Never set in production.
 from .state_io import (  # noqa: E402,F401  (the file primitives, re-exported)
@@ -204,33 +205,6 @@ def read_latest(root: str | os.PathLike) -> Path | None:
     return complete[-1] if complete else None
 
 
-def _pointed(root: Path) -> Path | None:
-    """The checkpoint a run's ``checkpoints/`` root holds for resuming, validated.
-
-    ``latest`` names it when present, else the highest ``step-<N>`` directory. Whatever is
-    named must be usable: a pointer to a missing or broken checkpoint, or a ``meta.json`` whose
-    step disagrees with its directory, is an :class:`InputError` — never a silent fresh start
-    (which would overwrite ``latest``) nor a fall-back to an older checkpoint.
-    """
-    pointer = root / LATEST
-    if pointer.is_file():
-        try:
-            name = pointer.read_text(errors="replace").strip()
-        except OSError as err:
-            raise InputError(pointer, f"unreadable ({err.strerror or err})") from None
-        if not _STEP_RE.match(name):
-            raise InputError(pointer, f"names {name[:80]!r}, not a step-<N> checkpoint; fix or remove it")
-        if not (root / name).is_dir():
-            raise InputError(pointer, f"names {name}, which does not exist; fix or remove {pointer}")
-        read_meta(root / name)
-        return root / name
-    steps = list_checkpoints(root)
-    if not steps:
-        return None
-    read_meta(steps[-1][1])
-    return steps[-1][1]
-
-
 def holds_checkpoints(root: str | os.PathLike) -> bool:
     """Whether a ``checkpoints/`` root has a ``latest`` pointer or any ``step-<N>`` directory."""
     root = Path(root)
@@ -238,14 +212,17 @@ def holds_checkpoints(root: str | os.PathLike) -> bool:
 
 
 def resolve_checkpoint(path: str | os.PathLike, source: str = "--resume") -> Path:
-    """A checkpoint directory from a path naming it, a ``checkpoints/`` root or an output dir."""
+    """A checkpoint directory from a path naming it, its ``latest`` pointer, a ``checkpoints/``
+    root or an output dir (``--resume``; an export holds no optimizer state to resume)."""
     p = Path(path)
     if (p / "meta.json").exists():
         read_meta(p)
         return p
+    if p.name == LATEST and p.is_file():  # the pointer file itself
+        return pointed_checkpoint(p.parent)
     for root in (p, checkpoint_root(p)):
         if root.is_dir() and holds_checkpoints(root):
-            return _pointed(root)
+            return pointed_checkpoint(root)
     if not p.exists():
         raise InputError(source, f"{p}: no such file or directory")
     raise InputError(source, f"{p}: not a checkpoint (no meta.json) and holds no checkpoints")
@@ -274,7 +251,7 @@ def resolve_resume(output_dir: str | os.PathLike, resume: str | None) -> Path | 
             )
         return None
     if resume == "latest":
-        return _pointed(root) if root.is_dir() else None
+        return pointed_checkpoint(root) if root.is_dir() else None
     return resolve_checkpoint(resume)
 
 
@@ -316,7 +293,7 @@ def publish(root: Path, staging: Path, step: int, keep_last: int) -> Path:
     Order: fsync the files, rename the directory, fsync the parent, write ``latest`` through a
     temporary file and ``os.replace``, then delete what falls out of the last ``keep_last``.
     """
-    final = root / f"step-{step}"
+    final = root / step_name(step)
     _fsync_tree(staging)
     if final.exists():  # the same step saved again (e.g. a resumed run stopped at once)
         trash = root / f".trash-{final.name}-{staging.name.rsplit('-', 1)[-1]}"
@@ -352,7 +329,7 @@ def prune(root: Path, keep_last: int, protect: Iterable[Path] = ()) -> list[Path
 
 
 def read_meta(ckpt: Path, keys: dict[str, Any] | None = None) -> dict:
-    """``meta.json`` of ``ckpt``, validated (:func:`patching.weights.read_checkpoint_meta`:
+    """``meta.json`` of ``ckpt``, validated (:func:`patching.artifact.read_checkpoint_meta`:
     an object, format marker, version, step agreeing with the directory, safe model names, and
     ``keys``); bad metadata is a one-line :class:`InputError`."""
     return read_checkpoint_meta(ckpt, keys)
@@ -432,9 +409,12 @@ def save_checkpoint(root: Path, step: int, s: Saveables, *, rank: int, is_main: 
                 attempt(save_state, staging / "extra", s.task.extra_state())
             attempt((staging / "config.json").write_text, config_doc)
         attempt(save_state, staging / f"rank-{rank}", {"rank": rank, "rng": capture_rng(s.generators), "data": data_state})
-        control.barrier()
+        # Every rank learns whether any rank's write failed (before meta.json makes the
+        # checkpoint complete, and again after the publish), so all raise together and no rank
+        # is left waiting in a collective.
+        failed = control.max(1 if attempt.error is not None else 0)
         final = None
-        if is_main:
+        if is_main and not failed:
             attempt(save_json, staging / "meta.json", {
                 "format": FORMAT, "version": VERSION, **meta, "step": step,
                 "models": sorted(s.models), "optimizers": dict(s.model_of_optimizer), "schedulers": sorted(s.schedulers),
@@ -443,17 +423,15 @@ def save_checkpoint(root: Path, step: int, s: Saveables, *, rank: int, is_main: 
             })
             if attempt.error is None:
                 attempt(lambda: publish(root, staging, step, keep_last))
-                final = root / f"step-{step}" if attempt.error is None else None
-        # Every rank learns whether any rank's write failed, so all raise together (no rank is
-        # left waiting in a collective).
-        if control.max(1 if attempt.error is not None else 0):
+                final = root / step_name(step) if attempt.error is None else None
+        if failed or control.max(1 if attempt.error is not None else 0):
             if is_main and staging.exists():
                 shutil.rmtree(staging, ignore_errors=True)
             control.barrier()
-            kept = read_latest(root) if is_main else None
+            kept = read_latest(root)  # a shared file system: every rank reads the same
             after = f"{LATEST} is still {kept.name}" if kept is not None else "no earlier checkpoint"
             err = attempt.error or OSError(0, "a write failed on another rank")
-            raise StorageError.from_os(staging.parent / f"step-{step}", "could not write the checkpoint", err, after)
+            raise StorageError.from_os(staging.parent / step_name(step), "could not write the checkpoint", err, after)
         control.barrier()
         return final
     except BaseException:

@@ -1,4 +1,4 @@
-"""``xray2ct data ...`` handlers: synth, ingest, drr, inspect, preview."""
+"""``xray2ct data ...`` handlers: synth, ingest, drr, inspect, preview, lowdose."""
 
 from __future__ import annotations
 
@@ -146,8 +146,28 @@ def _preview(args) -> int:
     return 0
 
 
+def _lowdose(args) -> int:
+    from patching.ingest import load_nifti
+    from patching.lowdose import LowDoseScanner, check_dose, simulate_volume
+    from patching.volume_io import check_nifti_out, write_nifti_like
+
+    out = check_nifti_out(args.out)
+    dose = check_dose(args.dose)
+    try:
+        scanner = LowDoseScanner(photons=args.photons)
+    except InputError as err:
+        raise InputError("--photons", err.problem) from None
+    hu, spacing, _ = load_nifti(args.input)
+    low = simulate_volume(hu, spacing, dose, seed=args.seed, scanner=scanner, progress=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_nifti_like(out, low, Path(args.input))
+    print(f"dose {dose:g} (seed {args.seed}): noise std {float(np.std(low - hu)):.1f} HU over the volume -> {out}")
+    return 0
+
+
 def run(args) -> int:
     if args.data_cmd == "inspect":
         print(inspect_table(Store(args.store)))
         return 0
-    return {"synth": _synth, "ingest": _ingest, "drr": _drr, "preview": _preview}[args.data_cmd](args)
+    return {"synth": _synth, "ingest": _ingest, "drr": _drr, "preview": _preview,
+            "lowdose": _lowdose}[args.data_cmd](args)

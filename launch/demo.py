@@ -78,7 +78,6 @@ def _last_step(run: Path) -> int:
 # Optimizer steps per model: ~10 min of training on 2 idle cores (VQ-GAN ‖ X2CT-GAN one core
 # each, then diffusion), sized from per-step process CPU time (docs/results.md).
 STEPS = {"vqgan": 600, "x2ct-gan": 350, "diffusion": 1600}
-NUM_SAMPLES = 4  # diffusion: the table shows sample 1 and the mean of this many
 
 
 def train(tasks: dict[str, int], store: Path, runs: Path, logs: Path, threads: int,

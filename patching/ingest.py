@@ -1,8 +1,9 @@
 """Ingest CT from NIfTI files and DICOM series into a :class:`~patching.store.Store`.
 
-Pipeline per case: read → canonical RAS+ (``nibabel.as_closest_canonical``) → resample to the
-preset spacing and centre crop/pad to the preset shape (one interpolation pass,
-:func:`resample_to_spec`) → int16 HU in the store, with the RAS+ affine of the final grid.
+Pipeline per case: read → canonical RAS+ (``nibabel.as_closest_canonical``) → field-of-view
+padding below −1024 HU set to air → resample to the preset spacing and centre crop/pad to the
+preset shape (one interpolation pass, :func:`resample_to_spec`) → patient table removed by a body
+mask (:mod:`patching.ct_clean`) → int16 HU in the store, with the RAS+ affine of the final grid.
 
 Sources are NIfTI files (``.nii``, ``.nii.gz``), DICOM files, and folders walked recursively for
 both. DICOM files are recognised by the Part 10 preamble (``DICM`` at byte 128), whatever their
@@ -38,6 +39,7 @@ import numpy as np
 from scipy import ndimage
 from tqdm.auto import tqdm
 
+from .ct_clean import clip_padding, remove_table
 from .dicom_series import SliceHeader, is_dicom_file, load_dicom_series, read_header, series_folder
 from .errors import InputError
 from .spec import AIR_HU, VolumeSpec
@@ -336,9 +338,11 @@ def _ingest_job(job: _Job, store_path: str, spec: VolumeSpec, split: str | None 
             hu, spacing, affine = load_nifti(job.files[0])
         else:
             hu, spacing, affine = load_dicom_series(job.files)
+        hu, _ = clip_padding(hu)  # FOV padding (-2048, -3024, ...) -> air, before interpolation
         out = resample_to_spec(hu, spacing, spec)
         out_affine = resampled_affine(affine, hu.shape, spacing, spec)
         del hu
+        out, _ = remove_table(out, spec.spacing_mm)  # the patient table -> air (patching.ct_clean)
         written = store.write_case(job.case_id, out, spec.spacing_mm, out_affine, source=job.source, split=split)
         return ("ingested" if written else "skipped"), job.case_id, ""
     except InputError as e:

@@ -19,10 +19,10 @@ import torch
 
 from launch import checkpoint as ck
 from launch import state_io
+from patching.artifact import model_state, read_checkpoint_meta, resolve_weights
 from patching.checks import child_path, read_json_doc, safe_name
 from patching.errors import InputError, StorageError
 from patching.staging import host_id
-from patching.weights import model_state, read_checkpoint_meta, resolve_weights
 from tests.launch.toy_task import REPO, child_env
 
 TASK = "tests.launch.toy_task:ToyTask"
@@ -315,3 +315,49 @@ def test_module_entry_write_failure_is_one_line(tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert error_lines(proc.stderr) == [f"error: {out / 'checkpoints' / 'step-1'}: could not write the checkpoint: "
                                         "Not a directory [ENOTDIR]; no earlier checkpoint"]
+
+
+# A sitecustomize put first on the children's PYTHONPATH: rank 1 of a torchrun job (LOCAL_RANK=1)
+# gets a full disk while it writes its rank file of step 3. Test-only: no hook in the code.
+_RANK1_FULL_DISK = """
+import errno, os
+if os.environ.get("LOCAL_RANK") == "1" and os.environ.get("XRAY2CT_TEST_FULL_DISK") == "1":
+    from launch import checkpoint as ck
+    _real = ck.save_state
+    def save_state(stem, obj):
+        if ".tmp-step-3-" in str(stem):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(stem))
+        return _real(stem, obj)
+    ck.save_state = save_state
+"""
+
+
+@pytest.mark.distributed
+def test_disk_full_on_rank_1_stops_both_ranks_and_keeps_latest(tmp_path):
+    from tests.launch.toy_task import train_cmd
+
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(_RANK1_FULL_DISK)
+    out = tmp_path / "run"
+    sets = ("train.batch_size=2", "train.num_workers=0", "train.ckpt_every=1", "data.num_samples=16", "train.keep_last=10")
+    env = child_env(XRAY2CT_TEST_FULL_DISK="1")
+    env["PYTHONPATH"] = f"{hook}{os.pathsep}{env['PYTHONPATH']}"
+    proc = subprocess.run(train_cmd(out, 4, nproc=2, sets=sets), cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)  # a rank left waiting in a collective would hang here
+    root = out / "checkpoints"
+    assert proc.returncode != 0, proc.stderr[-3000:]
+    assert f'File "{REPO / "launch"}' not in proc.stderr  # no traceback through our code (torchrun prints its own)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    where = root / "step-3"
+    expected = {  # rank 1's own, rank 0's; the agent may stop one rank before it prints
+        f"error: {where}: could not write the checkpoint: No space left on device [ENOSPC]; latest is still step-2",
+        f"error: {where}: could not write the checkpoint: a write failed on another rank; latest is still step-2",
+    }
+    assert errors and set(errors) <= expected and len(errors) == len(set(errors)), proc.stderr[-3000:]
+    assert (root / "latest").read_text() == "step-2\n" and not (root / "step-3").exists()
+    assert not [p.name for p in root.iterdir() if p.name.startswith(".")]
+    again = subprocess.run(train_cmd(out, 4, nproc=2, resume="latest", sets=sets), cwd=REPO, env=child_env(),
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (root / "latest").read_text() == "step-4\n"

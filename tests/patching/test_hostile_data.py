@@ -191,3 +191,19 @@ def test_storage_error_survives_a_worker_process():
     err = StorageError("x", "could not write: No space left on device [ENOSPC]")
     back = pickle.loads(pickle.dumps(err))
     assert type(back) is StorageError and str(back) == str(err) and back.source == "x"
+
+
+def test_resolve_device_refuses_devices_this_machine_lacks():
+    import torch
+
+    from patching.checks import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device(None).type == ("cuda" if torch.cuda.is_available() else "cpu")
+    missing = max(7, torch.cuda.device_count())  # an index this machine does not have
+    with pytest.raises(InputError, match=rf"--device: 'cuda:{missing}': "):
+        resolve_device(f"cuda:{missing}")
+    with pytest.raises(InputError, match="--device: 'gpu' is not a device"):
+        resolve_device("gpu")
+    with pytest.raises(InputError, match="unsupported device type"):
+        resolve_device("meta")
