@@ -90,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=int, default=1, help="samples; >1 also writes mean and std volumes")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None)
+    p.add_argument("--windowed", action="store_true",
+                   help="denoise in the config's sampler.fallback_window windows (diffusion; when the whole latent does not fit)")
     p = sub.add_parser("demo", help="the whole pipeline on phantoms, on a CPU")
     p.add_argument("--out", default="demo_out")
     p.add_argument("--num", type=int, default=48, help="phantoms to synthesise (default 48: 40 train, 4 val, 4 test)")
@@ -124,6 +126,8 @@ def _sample(args) -> int:
     if task in GAN_TASKS:
         if args.num_samples != 1:
             raise InputError("--num-samples", f"{task} is deterministic: one sample per X-ray")
+        if args.windowed:
+            raise InputError("--windowed", f"{task} has no windowed sampling (diffusion only)")
         files = sample_gan(Path(args.checkpoint), args.pa and Path(args.pa), args.lateral and Path(args.lateral),
                            Path(args.out), data_spec(checkpoint_preset(args.checkpoint)), device=args.device or "cpu")
     elif task == "diffusion":
@@ -131,7 +135,7 @@ def _sample(args) -> int:
 
         files = sample_diffusion(args.checkpoint, args.pa, args.lateral, args.out, steps=args.steps,
                                  guidance=args.guidance, num_samples=args.num_samples, seed=args.seed,
-                                 device=args.device)
+                                 device=args.device, windowed=args.windowed)
     else:
         raise InputError("--checkpoint", f"a {task!r} checkpoint cannot sample; give an x2ct-gan, x-recon or diffusion one")
     for kind, path in files.items():

@@ -155,14 +155,17 @@ class DiffusionReconstructor:
             weights must have the recorded sha256.
         steps, guidance: sampler steps and CFG scale (default: the checkpoint's config).
         progress: tqdm bar over the denoising steps.
+        windowed: denoise in the config's ``sampler.fallback_window`` windows instead of its
+            ``sampler.window`` (the memory fallback when the whole latent does not fit).
 
     Raises:
-        InputError: bad checkpoint, VQ-GAN sha256 mismatch, bad ``steps``/``guidance``.
+        InputError: bad checkpoint, VQ-GAN sha256 mismatch, bad ``steps``/``guidance``, ``windowed``
+            with no fallback window in the config.
     """
 
     def __init__(self, checkpoint: str | Path, *, device: str | torch.device | None = None,
                  vqgan: str | Path | None = None, steps: int | None = None, guidance: float | None = None,
-                 progress: bool = False):
+                 progress: bool = False, windowed: bool = False):
         self.device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
         loaded = load_diffusion(checkpoint, self.device)
         cfg, extra = loaded.cfg, loaded.extra
@@ -192,6 +195,9 @@ class DiffusionReconstructor:
         f = int(vq.model.cfg.downsample)
         self.volume_shape = tuple(f * s for s in self.latent_shape)
         self.scheduler = sample_scheduler(cfg.diffusion, cfg.sampler.name)
+        if windowed and cfg.sampler.fallback_window is None:
+            raise InputError(loaded.source, "its config has no sampler.fallback_window for --windowed")
+        self.window = cfg.sampler.fallback_window if windowed else cfg.sampler.window
 
     def _inputs(self, xrays) -> tuple[torch.Tensor, torch.Tensor]:
         """``(1, V, S, S)`` X-rays resized to the encoder's size and ``(1, V)`` views present."""
@@ -242,7 +248,7 @@ class DiffusionReconstructor:
     def _samples(self, x: torch.Tensor, present: torch.Tensor, generator: torch.Generator,
                  num_samples: int) -> Iterator[np.ndarray]:
         for _ in range(num_samples):
-            yield self.decode(self._latent(x, present, generator, self.cfg.sampler.window))
+            yield self.decode(self._latent(x, present, generator, self.window))
 
     def _latent(self, x: torch.Tensor, present: torch.Tensor, generator: torch.Generator,
                 window, overlap: float | None = None) -> torch.Tensor:
@@ -268,8 +274,10 @@ class DiffusionReconstructor:
         codec = self.vq.codec
         hu = decode_latent(self.vq.model, latent, tuple(tile_latent or codec.tile_latent), codec.overlap,
                            hu_window=self.hu_window, batch_size=codec.batch_size, device=self.device,
-                           progress=False)[0].numpy()
-        return np.clip(np.rint(hu), -32768, 32767).astype(np.int16)
+                           progress=self.progress)[0].numpy()
+        np.rint(hu, out=hu)  # in place: one float32 volume (633 MB at 512×512×604), then its int16 copy
+        np.clip(hu, -32768, 32767, out=hu)
+        return hu.astype(np.int16)
 
     def reconstruct(self, xrays: dict[str, np.ndarray], *, seed: int = 0, num_samples: int = 1) -> np.ndarray:
         """CT volumes for one set of X-rays.
@@ -295,7 +303,7 @@ class DiffusionReconstructor:
 def sample_diffusion(checkpoint: str | Path, pa: str | Path | None, lateral: str | Path | None, out: str | Path, *,
                      steps: int | None = None, guidance: float | None = None, num_samples: int = 1, seed: int = 0,
                      device: str | torch.device | None = None, progress: bool = True,
-                     vqgan: str | Path | None = None) -> dict[str, Path]:
+                     vqgan: str | Path | None = None, windowed: bool = False) -> dict[str, Path]:
     """Sample ``num_samples`` CT volumes for one pair of X-rays and write them into ``out``.
 
     Args:
@@ -310,6 +318,7 @@ def sample_diffusion(checkpoint: str | Path, pa: str | Path | None, lateral: str
         progress: tqdm bars.
         vqgan: the VQ-GAN's checkpoint/export when it moved (default: the path recorded in the
             checkpoint); its weights must have the recorded sha256.
+        windowed: denoise in the config's ``sampler.fallback_window`` windows.
 
     Returns:
         ``{"nifti", "zarr", "preview"}`` of sample 0, ``"sample_k"`` (k ≥ 1), ``"mean"``, ``"std"``
@@ -331,7 +340,7 @@ def sample_diffusion(checkpoint: str | Path, pa: str | Path | None, lateral: str
         raise InputError("--pa", "give at least one X-ray (--pa, and --lateral for biplanar input)")
     shown = {v: read_xray(Path(f)) for v, f in files_in.items() if f is not None}
     rec = DiffusionReconstructor(checkpoint, device=device, vqgan=vqgan, steps=steps, guidance=guidance,
-                                 progress=progress)
+                                 progress=progress, windowed=windowed)
     for v in shown:
         if v not in rec.views:
             raise InputError(f"--{v}", f"this model takes only the views {', '.join(rec.views)}")
@@ -346,18 +355,24 @@ def sample_diffusion(checkpoint: str | Path, pa: str | Path | None, lateral: str
             hu0 = hu
         else:
             files[f"sample_{k}"] = write_nifti(out / f"sample-{k:03d}.nii.gz", hu, affine)
-        x = hu.astype(np.float64)
+        if num_samples == 1:
+            continue
+        # Welford in float32 (no K volumes held at once; HU·K sums are exact enough for ±0.5 HU):
+        # a float64 copy of a 512×512×604 volume alone would be 1.27 GB.
         if mean is None:
-            mean, m2 = x.copy(), np.zeros_like(x)
-        else:  # Welford: no K volumes held at once
-            delta = x - mean
+            mean, m2 = hu.astype(np.float32), np.zeros(hu.shape, np.float32)
+        else:
+            delta = hu - mean
             mean += delta / (k + 1)
-            m2 += delta * (x - mean)
+            delta *= hu - mean
+            m2 += delta
+            del delta
     steps, guidance = rec.steps, rec.guidance
     title = f"diffusion step {rec.step} ({rec.weights}), seed {seed}, {steps} steps, guidance {guidance}"
     attrs = {"task": TASK_NAME, "step": rec.step, "weights": rec.weights, "source": str(rec.source),
              "spacing_mm": list(rec.spacing_mm), "affine": affine.tolist(), "units": "HU", "seed": int(seed),
-             "steps": int(steps), "guidance": float(guidance), "num_samples": num_samples}
+             "steps": int(steps), "guidance": float(guidance), "num_samples": num_samples,
+             "window": None if rec.window is None else list(rec.window)}
     files["nifti"] = write_nifti(out / "volume.nii.gz", hu0, affine)
     files["zarr"] = write_zarr(out / "volume.zarr", hu0, attrs)
     files["preview"] = save_triplanar_png(out / "preview.png", hu0, rec.spacing_mm, xrays=shown, title=title)
