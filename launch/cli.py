@@ -76,10 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("evaluate", help="score reconstruction methods on a store's split (see `xray2ct evaluate --help`)",
                    add_help=False)
     p = sub.add_parser("encode", help="cache every case's stage-1 latent in the store")
-    p.add_argument("--store", required=True)
-    p.add_argument("--vqgan", required=True, help="vqgan checkpoint, run or export directory")
-    p.add_argument("--split", default=None, choices=["train", "val", "test"])
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    from .encode import add_arguments as add_encode_arguments  # also `python -m launch.encode` (several processes)
+
+    add_encode_arguments(p)
     p = sub.add_parser("sample", help="reconstruct a CT volume from X-ray files")
     p.add_argument("--checkpoint", required=True, help="checkpoint, run or export directory")
     p.add_argument("--pa", help="PA X-ray: PNG, JPEG, DICOM or .npy")
@@ -104,14 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _encode(args) -> int:
-    import json
+    from .encode import run
 
-    from stage1_vqgan.encode import encode_store
-
-    summary = encode_store(args.store, args.vqgan, split=args.split, device=args.device)
-    print(json.dumps({k: v for k, v in summary.items() if k not in ("encoded", "skipped")}, indent=2))
-    print(f"encoded {len(summary['encoded'])}, skipped {len(summary['skipped'])} (already encoded by these weights)")
-    return 0
+    return run(args)
 
 
 def _sample(args) -> int:
