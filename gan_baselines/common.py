@@ -1,6 +1,6 @@
 """Small pieces shared by the GAN baselines: view frames, projections, LSGAN, init, optimiser.
 
-Axis conventions (ARCHITECTURE "Conventions"; the same as :mod:`patching.drr`):
+Axis conventions (docs/architecture.md, "Conventions"; the same as :mod:`patching.drr`):
 
 - A volume is ``B×C×X×Y×Z`` in RAS+: ``x`` grows to the patient's Right, ``y`` to Anterior,
   ``z`` to Superior.

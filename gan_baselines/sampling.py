@@ -1,8 +1,7 @@
 """Reconstruct a CT from X-ray files with a trained X2CT-GAN or X-Recon generator.
 
-    files = sample_gan(Path("runs/x2ct/checkpoints/latest"), Path("pa.png"), Path("lat.png"),
-                       Path("out/"), data_spec("cpu-demo"))
-    # {"nifti": out/volume.nii.gz, "zarr": out/volume.zarr, "preview": out/preview.png}
+    rec = GanReconstructor.from_path("runs/x2ct/checkpoints/latest")
+    hu = rec.reconstruct({"pa": pa, "lateral": lateral})   # (1, X, Y, Z) int16 HU, the preset's grid
 
 Weights come from a training checkpoint (``D/checkpoints/step-N``, the ``latest`` pointer file,
 ``D/checkpoints`` or the run directory ``D``: its newest checkpoint) or from an ``xray2ct export``
@@ -33,12 +32,11 @@ import torch
 from torch import nn
 
 from patching.errors import InputError
-from patching.preview import save_triplanar_png
-from patching.spec import VolumeSpec
-from patching.volume_io import write_nifti, write_zarr
+from patching.reconstruct import Reconstructor, sample_files
+from patching.spec import VolumeSpec, data_spec
 from patching.weights import CHECKPOINT_FORMAT, describe, model_state, resolve_weights
 from patching.weights import read_json as _read_json
-from patching.xray_io import read_xray, resize_xray
+from patching.xray_io import resize_xray
 
 from . import x2ct_gan, x_recon
 from .common import from_model_range
@@ -145,54 +143,37 @@ def reconstruct_hu(loaded: LoadedGenerator, xrays: dict[str, np.ndarray], spec: 
     return full[0, 0].round_().to(torch.int16).cpu().numpy()  # in place: one float copy at full size
 
 
-def _read_inputs(views: tuple[str, ...], pa: Path | None, lateral: Path | None, task: str) -> dict[str, np.ndarray]:
-    given = {"pa": pa, "lateral": lateral}
-    flag = {"pa": "--pa", "lateral": "--lateral"}
-    for view, path in given.items():
-        if view in views and path is None:
-            kind = "biplanar" if len(views) == 2 else f"single-view ({view})"
-            raise InputError(flag[view], f"this {task} model is {kind}: give the {view} X-ray with {flag[view]} IMG")
-        if view not in views and path is not None:
-            raise InputError(flag[view], f"this {task} model is single-view ({views[0]}); it takes no {view} X-ray")
-    return {view: read_xray(given[view]) for view in views}
+class GanReconstructor(Reconstructor):
+    """X2CT-GAN / X-Recon behind the reconstructor interface: deterministic, every view of the
+    model required, volumes on the preset's grid (``geometry``; ``spec`` overrides it)."""
+
+    stochastic = False
+
+    def __init__(self, loaded: LoadedGenerator, spec: VolumeSpec | None = None):
+        self.loaded, self.task = loaded, loaded.task
+        self.views = self.required_views = tuple(loaded.cfg.model.views)
+        self.geometry = spec if spec is not None else data_spec(loaded.preset or "cpu-demo")
+        n = int(loaded.cfg.model.volume_size)
+        self.grid = (n, n, n)
+        self.step, self.weights, self.source = loaded.step, loaded.weights, loaded.source
+
+    @classmethod
+    def from_path(cls, path, *, device=None, steps=None, guidance=None, spec: VolumeSpec | None = None):
+        return cls(load_generator(path, device or "cpu"), spec)
+
+    def _volumes(self, xrays, seed, num_samples, shape):
+        spec = VolumeSpec(shape, self.geometry.spacing_mm, self.geometry.hu_window)
+        hu = reconstruct_hu(self.loaded, xrays, spec)
+        for _ in range(num_samples):
+            yield hu
+
+    def info(self) -> dict:
+        return {**super().info(), "preset": self.loaded.preset}
 
 
 def sample_gan(checkpoint: Path, pa: Path | None, lateral: Path | None, out: Path, preset: VolumeSpec, *,
                device: str | torch.device = "cpu") -> dict[str, Path]:
-    """Reconstruct one CT from X-ray files with a GAN baseline and write it into ``out``.
-
-    Args:
-        checkpoint: a checkpoint directory, the ``latest`` pointer, ``D/checkpoints``, a run
-            directory ``D``, or an ``xray2ct export`` directory.
-        pa, lateral: X-ray files (PNG, JPEG, DICOM, ``.npy``); a biplanar model needs both,
-            a single-view model exactly its view.
-        out: output directory (created).
-        preset: the data preset whose shape, spacing and HU window the volume gets, e.g.
-            ``launch.presets.data_spec(checkpoint_preset(checkpoint))``.
-        device: where the generator runs.
-
-    Returns:
-        ``{"nifti": out/volume.nii.gz, "zarr": out/volume.zarr, "preview": out/preview.png}``.
-
-    Raises:
-        InputError: unreadable or missing X-ray, a missing or extra view, a checkpoint that is
-            not an X2CT-GAN / X-Recon one, unreadable weights, ``out`` not a directory.
-    """
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise InputError("--out", f"{out} exists and is not a directory")
-    loaded = load_generator(checkpoint, device)
-    views = tuple(loaded.cfg.model.views)
-    images = _read_inputs(views, None if pa is None else Path(pa), None if lateral is None else Path(lateral), loaded.task)
-    hu = reconstruct_hu(loaded, images, preset)
-    out.mkdir(parents=True, exist_ok=True)
-    affine = preset.affine()
-    attrs = {"task": loaded.task, "step": loaded.step, "weights": loaded.weights, "source": str(loaded.source),
-             "spacing_mm": list(preset.spacing_mm), "affine": affine.tolist(), "units": "HU"}
-    files = {
-        "nifti": write_nifti(out / "volume.nii.gz", hu, affine),
-        "zarr": write_zarr(out / "volume.zarr", hu, attrs),
-        "preview": save_triplanar_png(out / "preview.png", hu, preset.spacing_mm, xrays=images,
-                                      title=f"{loaded.task} step {loaded.step} ({loaded.weights} weights)"),
-    }
-    return files
+    """Reconstruct one CT from X-ray files with a GAN baseline and write it into ``out``
+    (:func:`patching.reconstruct.sample_files` on the grid of ``preset``)."""
+    return sample_files(GanReconstructor.from_path(checkpoint, device=device, spec=preset), pa, lateral, out,
+                        progress=False)

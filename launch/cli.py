@@ -1,4 +1,4 @@
-"""The ``xray2ct`` command line (see ARCHITECTURE.md, "The command-line contract").
+"""The ``xray2ct`` command line (see docs/architecture.md, "The command-line contract").
 
 Exit status: 0 success, 2 bad input or usage (one line on stderr, no traceback), 1 anything else.
 Sub-commands import their heavy modules lazily so ``xray2ct --help`` is instant.
@@ -109,29 +109,15 @@ def _encode(args) -> int:
 
 
 def _sample(args) -> int:
-    from pathlib import Path
+    from launch.tasks import load_reconstructor
+    from patching.reconstruct import sample_files
 
-    from gan_baselines.sampling import GAN_TASKS, checkpoint_preset, checkpoint_task, sample_gan
-    from launch.presets import data_spec
-
-    task = checkpoint_task(args.checkpoint)
-    if args.pa is None and args.lateral is None:
-        raise InputError("--pa", "give at least one X-ray (--pa, and --lateral for biplanar models)")
-    if task in GAN_TASKS:
-        if args.num_samples != 1:
-            raise InputError("--num-samples", f"{task} is deterministic: one sample per X-ray")
-        if args.windowed:
-            raise InputError("--windowed", f"{task} has no windowed sampling (diffusion only)")
-        files = sample_gan(Path(args.checkpoint), args.pa and Path(args.pa), args.lateral and Path(args.lateral),
-                           Path(args.out), data_spec(checkpoint_preset(args.checkpoint)), device=args.device or "cpu")
-    elif task == "diffusion":
-        from stage2_diffusion.pipeline import sample_diffusion
-
-        files = sample_diffusion(args.checkpoint, args.pa, args.lateral, args.out, steps=args.steps,
-                                 guidance=args.guidance, num_samples=args.num_samples, seed=args.seed,
-                                 device=args.device, windowed=args.windowed)
-    else:
-        raise InputError("--checkpoint", f"a {task!r} checkpoint cannot sample; give an x2ct-gan, x-recon or diffusion one")
+    rec = load_reconstructor(args.checkpoint, device=args.device, steps=args.steps, guidance=args.guidance)
+    if args.windowed:
+        if not callable(getattr(rec, "use_fallback_window", None)):
+            raise InputError("--windowed", f"{rec.task} has no windowed sampling (diffusion only)")
+        rec.use_fallback_window()
+    files = sample_files(rec, args.pa, args.lateral, args.out, seed=args.seed, num_samples=args.num_samples)
     for kind, path in files.items():
         print(f"  {kind:8s} {path}")
     return 0

@@ -4,19 +4,19 @@ and the models (the protocol is in :mod:`launch.engine`'s docstring)."""
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 from torch import nn
 
-if TYPE_CHECKING:
-    from .engine import Trainer
-
 
 class StepContext:
-    """What ``train_step`` and ``validate`` get besides the batch and the models."""
+    """What ``train_step`` and ``validate`` get besides the batch and the models.
 
-    def __init__(self, trainer: Trainer):
+    ``trainer`` is the engine's ``Trainer`` (not imported: the engine imports this module).
+    """
+
+    def __init__(self, trainer: Any):
         self._t = trainer
         self.device = trainer.device
         self.rank = trainer.rank

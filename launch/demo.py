@@ -188,14 +188,12 @@ def run_demo(args) -> int:
     case_id = test_ids[0]
     _stage(5, f"reconstructing held-out case {case_id} from its X-ray PNG files")
     xrays = _export_xrays(store, case_id, _mkdir(out / "xrays"))
-    from gan_baselines.sampling import sample_gan
-    from stage2_diffusion.pipeline import sample_diffusion
+    from launch.tasks import load_reconstructor
+    from patching.reconstruct import sample_files
 
-    samples = {"diffusion": sample_diffusion(runs / "diffusion", xrays.get("pa"), xrays.get("lateral"),
-                                             out / "samples" / "diffusion", seed=args.seed, device="cpu",
-                                             progress=False),
-               "x2ct-gan": sample_gan(runs / "x2ct-gan", xrays.get("pa"), xrays.get("lateral"),
-                                      out / "samples" / "x2ct-gan", spec, device="cpu")}
+    samples = {name: sample_files(load_reconstructor(runs / name, device="cpu"), xrays.get("pa"), xrays.get("lateral"),
+                                  out / "samples" / name, seed=args.seed, progress=False)
+               for name in ("diffusion", "x2ct-gan")}
     for name, files in samples.items():
         print(f"  {name:10s} {files['nifti']}   {files['preview']}")
     timings["sample"] = time.perf_counter() - t

@@ -3,19 +3,16 @@
 Every method is a :class:`Method`: ``name``, ``kind``, ``stochastic``, ``info`` (what it was
 loaded from, for the report) and ``reconstruct(case, *, seed, num_samples) -> (K, X, Y, Z)`` HU
 at the case's shape. A method whose own output grid differs from the case's is resampled by
-trilinear interpolation (:func:`to_shape`, ``align_corners=False``) and ``info["resampled"]`` /
-the per-case ``resampled`` flag say so.
+trilinear interpolation (``align_corners=False``) and ``info["resampled"]`` / the per-case
+``resampled`` flag say so.
 
-- :class:`GanMethod` — X2CT-GAN and X-Recon (:mod:`gan_baselines.sampling`): the EMA generator,
-  the case's stored X-rays resized to the model's size, the model's cube → HU by its preset's
-  window → trilinear to the case's shape (``reconstruct_hu``). Deterministic.
-- :class:`DiffusionMethod` — the stage-2 model through
-  ``stage2_diffusion.pipeline.DiffusionReconstructor``. Stochastic: ``K`` samples per case from
-  a seed derived from ``--seed`` and the case id (:func:`case_seed`), so a case gets the same
-  samples whichever process reconstructs it.
+- :class:`ReconstructorMethod` — any X-ray → CT method (diffusion, X2CT-GAN, X-Recon, ...)
+  through its :class:`patching.reconstruct.Reconstructor`, loaded by
+  :func:`launch.tasks.load_reconstructor` from the checkpoint's task. The case's stored X-rays
+  of the views the model takes; a stochastic method draws ``K`` samples per case from a seed
+  derived from ``--seed`` and the case id (:func:`case_seed`), so a case gets the same samples
+  whichever process reconstructs it.
 - :class:`MeanVolumeMethod` — the ``mean-train-volume`` baseline (:func:`mean_train_volume`).
-
-:func:`load_method` dispatches on the checkpoint's task (:func:`gan_baselines.sampling.checkpoint_task`).
 """
 
 from __future__ import annotations
@@ -31,6 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from patching.errors import InputError
+from patching.reconstruct import to_shape
 from patching.store import Case, Store
 
 MEAN_BASELINE = "mean-train-volume"
@@ -40,17 +38,6 @@ def case_seed(seed: int, case_id: str) -> int:
     """The sampling seed of one case: depends on ``seed`` and the case id only (not on the order
     or the process that reconstructs it)."""
     return int(np.random.SeedSequence([int(seed), zlib.crc32(case_id.encode())]).generate_state(1)[0])
-
-
-def to_shape(volume: np.ndarray, shape) -> np.ndarray:
-    """``volume`` (``X×Y×Z``) at ``shape`` by trilinear interpolation (``align_corners=False``),
-    float32; returned unchanged (as float32) when the shape already fits."""
-    shape = tuple(int(s) for s in shape)
-    vol = np.asarray(volume)
-    if vol.shape == shape:
-        return vol.astype(np.float32, copy=False)
-    t = torch.from_numpy(np.ascontiguousarray(vol, dtype=np.float32))[None, None]
-    return torch.nn.functional.interpolate(t, size=shape, mode="trilinear", align_corners=False)[0, 0].numpy()
 
 
 class Method(abc.ABC):
@@ -77,62 +64,28 @@ class Method(abc.ABC):
         return tuple(case.shape) != tuple(self.grid)
 
 
-class GanMethod(Method):
-    stochastic = False
-
-    def __init__(self, name: str, path: str | Path, device: str | torch.device):
-        from gan_baselines.sampling import load_generator
-        from launch.presets import data_spec
-
-        self.name, self.source = name, str(path)
-        self.loaded = load_generator(path, device)
-        self.kind = self.loaded.task
-        self.window = data_spec(self.loaded.preset or "cpu-demo").hu_window
-        self.views = tuple(self.loaded.cfg.model.views)
-        n = int(self.loaded.cfg.model.volume_size)
-        self.grid = (n, n, n)
-        self.info = {"kind": self.kind, "source": self.source, "resolved": str(self.loaded.source),
-                     "step": self.loaded.step, "weights": self.loaded.weights, "preset": self.loaded.preset,
-                     "views": list(self.views), "output_grid": list(self.grid), "hu_window": list(self.window),
-                     "stochastic": False}
-
-    def reconstruct(self, case: Case, *, seed: int = 0, num_samples: int = 1) -> np.ndarray:
-        from gan_baselines.sampling import reconstruct_hu
-        from patching.spec import VolumeSpec
-
-        xrays = {v: case.xray(v) for v in self.views}
-        return reconstruct_hu(self.loaded, xrays, VolumeSpec(case.shape, case.spacing_mm, self.window))[None]
-
-
-class DiffusionMethod(Method):
-    kind = "diffusion"
-    stochastic = True
-
+class ReconstructorMethod(Method):
     def __init__(self, name: str, path: str | Path, device: str | torch.device, *, steps: int | None = None,
                  guidance: float | None = None):
-        from stage2_diffusion.pipeline import DiffusionReconstructor
+        from launch.tasks import load_reconstructor
 
         self.name, self.source = name, str(path)
-        self.rec = DiffusionReconstructor(path, device=device, steps=steps, guidance=guidance, progress=False)
-        self.views = tuple(self.rec.views)
-        self.grid = tuple(int(s) for s in self.rec.volume_shape)
-        self.info = {"kind": self.kind, "source": self.source, "resolved": str(self.rec.source),
-                     "step": int(self.rec.step), "weights": self.rec.weights,
-                     "views": list(self.views), "output_grid": list(self.grid),
-                     "spacing_mm": [float(s) for s in self.rec.spacing_mm],
-                     "hu_window": [float(v) for v in self.rec.hu_window], "steps": int(self.rec.steps),
-                     "guidance": float(self.rec.guidance), "stochastic": True}
+        self.rec = load_reconstructor(path, device=device, steps=steps, guidance=guidance)
+        self.kind, self.stochastic, self.grid = self.rec.task, self.rec.stochastic, tuple(self.rec.grid)
+        self.info = {**self.rec.info(), "kind": self.kind, "source": self.source, "resolved": str(self.rec.source)}
+        self.info.pop("task", None)
 
     def reconstruct(self, case: Case, *, seed: int = 0, num_samples: int = 1) -> np.ndarray:
         return np.stack(list(self.samples(case, seed=seed, num_samples=num_samples)))
 
     def samples(self, case: Case, *, seed: int = 0, num_samples: int = 1) -> Iterator[np.ndarray]:
-        present = [v for v in self.views if v in case.views()]
+        stored = case.views()
+        present = [v for v in self.rec.views if v in self.rec.required_views or v in stored]
         if not present:
-            raise InputError(case.path, f"has none of the X-ray views the model takes ({', '.join(self.views)})")
-        xrays = {v: case.xray(v) for v in present}
-        for vol in self.rec.iter_samples(xrays, seed=case_seed(seed, case.case_id), num_samples=num_samples):
-            yield vol if tuple(vol.shape) == tuple(case.shape) else to_shape(vol, case.shape)
+            raise InputError(case.path, f"has none of the X-ray views the model takes ({', '.join(self.rec.views)})")
+        seed = case_seed(seed, case.case_id) if self.stochastic else 0
+        yield from self.rec.iter_samples({v: case.xray(v) for v in present}, seed=seed,
+                                         num_samples=num_samples if self.stochastic else 1, shape=case.shape)
 
 
 class MeanVolumeMethod(Method):
@@ -153,19 +106,11 @@ class MeanVolumeMethod(Method):
 
 def load_method(name: str, path: str | Path, *, device: str | torch.device = "cpu", steps: int | None = None,
                 guidance: float | None = None) -> Method:
-    """The adapter for the checkpoint, run, ``latest`` file or export at ``path``, by its task.
+    """The adapter for the checkpoint, run, ``latest`` file or export at ``path``.
 
     Raises :class:`InputError` (or whatever the loader raises) when it cannot be loaded.
     """
-    from gan_baselines.sampling import GAN_TASKS, checkpoint_task
-
-    task = checkpoint_task(path)
-    if task in GAN_TASKS:
-        return GanMethod(name, path, device)
-    if task == "diffusion":
-        return DiffusionMethod(name, path, device, steps=steps, guidance=guidance)
-    raise InputError(path, f"is a {task!r} checkpoint, which does not reconstruct CTs from X-rays "
-                           f"(give an {', '.join(GAN_TASKS)} or diffusion checkpoint)")
+    return ReconstructorMethod(name, path, device, steps=steps, guidance=guidance)
 
 
 def train_sum(store: Store, window: tuple[float, float], *, rank: int = 0, world_size: int = 1,

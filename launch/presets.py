@@ -1,36 +1,16 @@
 """Named presets. Presets are code: functions returning typed config dataclasses.
 
-This module starts with the data part of each preset (a :class:`patching.spec.VolumeSpec`);
-training, model and task sections are added by the packages that need them.
+The data part of each preset (a :class:`patching.spec.VolumeSpec`) lives in :mod:`patching.spec`,
+so every layer reads it; this module adds the engine's training section. Model and task
+sections are in each task's own registry.
 """
 
 from __future__ import annotations
 
 from patching.errors import InputError
-from patching.spec import VolumeSpec
+from patching.spec import DATA_PRESETS, cpu_demo_data, ctpa_512_data, data_spec  # noqa: F401  (re-exported)
 
 from .config import TrainConfig
-
-
-def cpu_demo_data() -> VolumeSpec:
-    # 64³ phantoms covering a 360 mm chest field of view: small enough for a laptop CPU.
-    return VolumeSpec(shape=(64, 64, 64), spacing_mm=(5.625, 5.625, 5.625), hu_window=(-1024.0, 1600.0))
-
-
-def ctpa_512_data() -> VolumeSpec:
-    # 512×512×604 CTPA grid (X-ray2CTPA's full resolution): 0.7 mm in-plane, 0.6 mm slices.
-    return VolumeSpec(shape=(512, 512, 604), spacing_mm=(0.7, 0.7, 0.6), hu_window=(-1024.0, 1600.0))
-
-
-DATA_PRESETS = {"cpu-demo": cpu_demo_data, "ctpa-512": ctpa_512_data}
-
-
-def data_spec(name: str) -> VolumeSpec:
-    try:
-        return DATA_PRESETS[name]()
-    except KeyError:
-        raise InputError("--preset", f"unknown preset {name!r}; known: {', '.join(sorted(DATA_PRESETS))}") from None
-
 
 # --- training section (launch.config.TrainConfig) ------------------------------------------------
 # The engine's `train.*` defaults per preset; a task may change some (its `train_defaults`),

@@ -21,6 +21,15 @@ TASKS: dict[str, str] = {
     "x-recon": "gan_baselines.x_recon.task:XReconTask",
 }
 
+# Reconstructors: a checkpoint's task → the ``module:Class`` of its
+# :class:`patching.reconstruct.Reconstructor`. `xray2ct sample`, `evaluate` and `demo` load
+# every method through :func:`load_reconstructor`; adding a method = one class + one line here.
+RECONSTRUCTORS: dict[str, str] = {
+    "diffusion": "stage2_diffusion.pipeline:DiffusionReconstructor",
+    "x2ct-gan": "gan_baselines.sampling:GanReconstructor",
+    "x-recon": "gan_baselines.sampling:GanReconstructor",
+}
+
 REQUIRED = ("default_config", "build_models", "build_optimizers", "build_dataset", "train_step")
 
 
@@ -70,3 +79,19 @@ def load_task(name: str) -> tuple[str, Any]:
 
 def _is_task(obj: Any) -> bool:
     return not isinstance(obj, type) and all(callable(getattr(obj, m, None)) for m in REQUIRED)
+
+
+def load_reconstructor(path: str | os.PathLike, **options: Any):
+    """The :class:`patching.reconstruct.Reconstructor` of the checkpoint, run, ``latest``,
+    ``step-N`` or export at ``path``, chosen by the task it records (``options``: ``device``,
+    ``steps``, ``guidance``)."""
+    from patching.weights import describe
+
+    meta = describe(path)
+    ref = meta.get("task_ref")
+    task = next((name for name, r in TASKS.items() if r == ref), None) or str(meta.get("task"))
+    if task not in RECONSTRUCTORS:
+        raise InputError(path, f"is a {task!r} checkpoint, which does not reconstruct CTs from X-rays "
+                               f"(give one of: {', '.join(RECONSTRUCTORS)})")
+    module_name, _, attr = RECONSTRUCTORS[task].partition(":")
+    return getattr(importlib.import_module(module_name), attr).from_path(path, **options)

@@ -1,6 +1,6 @@
 """Digitally reconstructed radiographs (DRRs): a differentiable, batched torch projector.
 
-Conventions (the design's ARCHITECTURE.md, "Conventions"):
+Conventions (docs/architecture.md, "Conventions"):
 
 - Volumes are indexed ``[x, y, z]`` in RAS+ (``nibabel.as_closest_canonical``): index ``x`` grows
   towards the patient's **Right**, ``y`` towards **Anterior**, ``z`` towards **Superior**. Models

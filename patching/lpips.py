@@ -9,6 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .checks import metric_pair, metric_window
 from .errors import InputError
 
 
@@ -92,10 +93,8 @@ def lpips25d(pred, target, weights_path, *, window=(-1024.0, 1600.0), slices_per
             ``N×C×H×W`` to a list of feature maps.
         slices_per_axis: evenly spaced slices per axis; ``None`` for all.
     """
-    from .metrics import _pair, _window  # the shared input checks (metrics imports this module)
-
-    a, b = _pair(pred, target)
-    win = _window(window) or (-1024.0, 1600.0)
+    a, b = metric_pair(pred, target)
+    win = metric_window(window) or (-1024.0, 1600.0)
     net = weights_path if callable(weights_path) else load_feature_net(weights_path)
     c_in = int(getattr(net, "in_channels", 1))
     if slices_per_axis is not None and (isinstance(slices_per_axis, bool) or int(slices_per_axis) < 1):

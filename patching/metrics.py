@@ -25,6 +25,11 @@ import numpy as np
 import torch
 from scipy import ndimage as ndi
 
+from .checks import metric_array as _array
+from .checks import metric_pair as _pair
+from .checks import metric_window as _window
+from .checks import positive_number as _positive
+from .checks import slabs as _slabs
 from .errors import InputError
 
 # X2CT-GAN (kylekma/X2CT): stored CT values are HU + 1024 (``convert2hu`` subtracts 1024), clipped to
@@ -33,75 +38,6 @@ X2CTGAN_HU_OFFSET = 1024.0
 X2CTGAN_CT_MAX = 2500.0
 X2CTGAN_PIXEL_MAX = 4095.0
 X2CTGAN_ZERO_MSE_PSNR = 100.0  # their code's value for identical volumes
-_SLAB_VOXELS = 1 << 22  # voxels per slab of float64 work (32 MB per array)
-
-
-# --- input checks --------------------------------------------------------------------------------
-
-
-def _array(x, name: str, ndim: int = 3) -> np.ndarray:
-    """A numpy view of ``x`` with ``ndim`` axes (leading singleton axes dropped); finite."""
-    if isinstance(x, torch.Tensor):
-        x = x.detach()
-        if x.dtype in (torch.bfloat16, torch.float16):
-            x = x.float()
-        x = x.cpu().numpy()
-    try:
-        x = np.asarray(x)
-    except (TypeError, ValueError) as err:
-        raise InputError(name, f"cannot read as an array: {err}") from None
-    while x.ndim > ndim and x.shape[0] == 1:
-        x = x[0]
-    if x.ndim != ndim:
-        want = "an X×Y×Z volume" if ndim == 3 else f"a {ndim}-D array"
-        raise InputError(name, f"needs {want}, got shape {x.shape}")
-    if x.dtype != bool and not np.issubdtype(x.dtype, np.integer) and not np.issubdtype(x.dtype, np.floating):
-        raise InputError(name, f"needs numbers, got dtype {x.dtype}")
-    if min(x.shape, default=1) == 0:
-        raise InputError(name, f"is empty, shape {x.shape}")
-    if np.issubdtype(x.dtype, np.floating):
-        for sl in _slabs(x.shape):
-            if not np.isfinite(x[sl]).all():
-                raise InputError(name, "contains NaN or infinite values")
-    return x
-
-
-def _pair(pred, target, names=("pred", "target")) -> tuple[np.ndarray, np.ndarray]:
-    a, b = _array(pred, names[0]), _array(target, names[1])
-    if a.shape != b.shape:
-        raise InputError(names[0], f"shape {a.shape} does not match {names[1]} shape {b.shape}")
-    return a, b
-
-
-def _positive(value, name: str) -> float:
-    try:
-        f = float(value)
-    except (TypeError, ValueError):
-        raise InputError(name, f"needs a positive number, got {value!r}") from None
-    if not math.isfinite(f) or f <= 0:
-        raise InputError(name, f"needs a positive finite number, got {value!r}")
-    return f
-
-
-def _window(window) -> tuple[float, float] | None:
-    if window is None:
-        return None
-    try:
-        lo, hi = (float(w) for w in window)
-    except (TypeError, ValueError):
-        raise InputError("window", f"needs (lo, hi) in HU, got {window!r}") from None
-    if not (math.isfinite(lo) and math.isfinite(hi) and hi > lo):
-        raise InputError("window", f"needs finite lo < hi, got {window!r}")
-    return lo, hi
-
-
-def _slabs(shape, halo: int = 0):
-    """Slices along axis 0 covering ``shape`` in slabs of about ``_SLAB_VOXELS`` (halo included)."""
-    budget = _SLAB_VOXELS
-    plane = int(np.prod(shape[1:], dtype=np.int64)) if len(shape) > 1 else 1
-    step = max(1, budget // max(1, plane) - 2 * halo)
-    for a in range(0, shape[0], step):
-        yield slice(a, min(shape[0], a + step))
 
 
 def _as_float(x: np.ndarray, window: tuple[float, float] | None) -> np.ndarray:

@@ -18,13 +18,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .phantom_render import ellipsoid_sd
+from .phantom_body import BodyShape, smoothstep
 from .phantom_trees import Attractors, grow_tree, sample_inside
-
-
-def smoothstep(t):
-    t = np.clip(t, 0.0, 1.0)
-    return t * t * (3.0 - 2.0 * t)
 
 
 def catmull_rom(points, step_mm: float = 6.0) -> np.ndarray:
@@ -62,22 +57,33 @@ def points_to_segments_distance(pts: np.ndarray, segs: np.ndarray) -> np.ndarray
 
 
 @dataclass
-class Chest:
-    """Every anatomical parameter of one phantom (mm, HU). Built by :func:`sample_chest`."""
+class Chest(BodyShape):
+    """Every anatomical parameter of one phantom (mm, HU). Built by :func:`sample_chest`.
+
+    The outline functions (cage, wall, arms, breasts, lungs) are in
+    :class:`patching.phantom_body.BodyShape`.
+    """
 
     hu: dict
-    # body contour: ellipse (a, b_ant/b_post) centred at y = yc, flattened at y = back_y
-    a: float
-    b_ant: float
-    b_post: float
+    # rib cage: ellipse semi-axes at its widest (ca lateral, c_ant / c_post from y = yc),
+    # fractions of them at the thoracic inlet, cut flat at y = cav_back_y
     yc: float
-    back_y: float
+    ca: float
+    c_ant: float
+    c_post: float
+    fin_x: float
+    fin_ant: float
+    fin_post: float
     skin: float
     fat: float
     muscle_lat: float
     muscle_ant: float
     muscle_post: float
+    pec: float  # extra anterior wall (pectoral muscles) at the upper chest
+    scap_pad: float  # extra posterior wall over the scapulae
+    belly: float  # extra anterior wall over the abdomen
     z_apex: float  # lung apex
+    z_widest: float  # where the rib cage is widest
     z_dome_r: float  # top of the right hemidiaphragm
     z_dome_l: float
     dome_k: float
@@ -90,6 +96,11 @@ class Chest:
     vb_disc: float
     vb_phase: float
     kyphosis: float
+    cav_back_y: float = 0.0
+    back_y: float = 0.0
+    arms: list = field(default_factory=list)  # (humeral head, arm end, r head, r end) per side
+    breasts: list = field(default_factory=list)  # (centre, semi-axes) per side, or none
+    scapulae: list = field(default_factory=list)  # per side: triangle (|x|, z) corners, depth
     heart_center: np.ndarray = field(default_factory=lambda: np.zeros(3))
     heart_semi: tuple = (55.0, 40.0, 38.0)
     heart_rot: np.ndarray = field(default_factory=lambda: np.eye(3))
@@ -101,52 +112,7 @@ class Chest:
     z_car: float = 0.0
     liver_height: float = 140.0
 
-    # ----------------------------------------------------------------- body and cavity
-    def taper(self, z):
-        """Cross-section scale: the chest narrows towards the thoracic inlet."""
-        return 1.0 - 0.22 * smoothstep((z - (self.z_apex - 40.0)) * (1.0 / 110.0))
-
-    def _ellipse_sd(self, x, y, z, in_lat, in_ant, in_post, back_y):
-        """The body ellipse (tapered with z) inset by the given thicknesses, flat at back_y."""
-        tz = self.taper(z)
-        b_post = self.b_post * tz - in_post
-        xt = x / (self.a * tz - in_lat)
-        yt = (y - self.yc) / np.where(y > self.yc, self.b_ant * tz - in_ant, b_post)
-        rho = np.sqrt(xt * xt + yt * yt)
-        sd = (1.0 - rho) * b_post
-        return np.minimum(sd, y - back_y)
-
-    def sd_body(self, x, y, z):
-        return self._ellipse_sd(x, y, z, 0.0, 0.0, 0.0, self.back_y)
-
-    @property
-    def wall(self) -> tuple[float, float, float]:
-        """Chest wall thickness (skin + fat + muscle) laterally, anteriorly, posteriorly."""
-        sf = self.skin + self.fat
-        return sf + self.muscle_lat, sf + self.muscle_ant, sf + self.muscle_post
-
-    @property
-    def cav_back_y(self) -> float:
-        return self.back_y + self.wall[2]
-
-    def sd_cavity(self, x, y, z):
-        """The inside of the chest wall (pleural and mediastinal space, then the abdomen)."""
-        return self._ellipse_sd(x, y, z, *self.wall, self.cav_back_y)
-
-    def cavity_point(self, phi, z, out: float = 0.0):
-        """Point on the cavity boundary (pushed ``out`` mm outwards) at angle ``phi`` from the
-        posterior midline (phi = 0 posterior, pi anterior), on the patient's right (+x)."""
-        tz = self.taper(z)
-        w_lat, w_ant, w_post = self.wall
-        a = self.a * tz - w_lat + out
-        b = (self.b_post * tz - w_post if np.cos(phi) > 0 else self.b_ant * tz - w_ant) + out
-        x, y = a * np.sin(phi), self.yc - b * np.cos(phi)
-        return np.array([x, max(y, self.cav_back_y - out), z])
-
-    def cavity_front_y(self, z):
-        return self.yc + self.b_ant * self.taper(z) - self.wall[1]
-
-    # ----------------------------------------------------------------- diaphragm and lungs
+    # ----------------------------------------------------------------- diaphragm
     def dome(self, x, y):
         """Height of the diaphragm: two paraboloid domes, the right one higher (liver)."""
         yd = self.yc - 10.0
@@ -155,34 +121,14 @@ class Chest:
         left = self.z_dome_l - self.dome_k * (((x + self.dome_x) * (1.0 / self.dome_w)) ** 2 + ry)
         return np.maximum(np.maximum(right, left), self.z_dome_r - 115.0)
 
-    def lung_params(self, side: int):
-        """(centre x, centre y, semi x, semi y, apex z) of the lung; side +1 right, -1 left."""
-        ca = self.a - self.wall[0]
-        gap = self.lung_gap + (6.0 if side < 0 else 0.0)
-        ax = 0.5 * (ca - gap) + 18.0
-        front = self.cavity_front_y(0.0)
-        by = 0.5 * (front - self.cav_back_y) + 18.0
-        cy = 0.5 * (front + self.cav_back_y) - 4.0
-        apex = self.z_apex + (4.0 if side > 0 else 0.0)
-        # Python floats: numpy float64 scalars would turn float32 voxel blocks into float64.
-        return float(side * (gap + ax)), float(cy), float(ax), float(by), float(apex)
-
-    def sd_lung(self, x, y, z, side: int):
-        cx, cy, ax, by, apex = self.lung_params(side)
-        cap = 75.0
-        t = np.clip((z - (apex - cap)) * (1.0 / cap), 0.0, 1.0)
-        s = np.sqrt(np.maximum(1.0 - t * t, 1e-4))  # rounded apex
-        u = (x - cx) / (ax * s)
-        v = (y - cy) / (by * s)
-        u = u * u
-        v = v * v
-        rho = np.sqrt(np.sqrt(u * u + v * v))  # superellipse, exponent 4: a rounded "D"
-        sd = (1.0 - rho) * (min(ax, by) * s)
-        sd = np.minimum(sd, self.sd_cavity(x, y, z) - 2.0)
-        return np.minimum(sd, z - self.dome(x, y) - 3.0)
-
     def sd_heart(self, x, y, z):
-        return ellipsoid_sd(x, y, z, self.heart_center, self.heart_semi, self.heart_rot)
+        """The heart: an egg along its long axis (base at the atria, narrower apex)."""
+        c, (sa, sb, sc), rot = self.heart_center, self.heart_semi, self.heart_rot
+        px, py, pz = x - float(c[0]), y - float(c[1]), z - float(c[2])
+        u, v, w = ((px * float(r[0]) + py * float(r[1])) + pz * float(r[2]) for r in rot)
+        taper = 1.0 - 0.3 * np.clip(u * (1.0 / sa), 0.0, 1.0)  # towards the apex
+        q = (u * (1.0 / sa)) ** 2 + (v / (sb * taper)) ** 2 + (w / (sc * taper)) ** 2
+        return (1.0 - np.sqrt(q)) * float(min(sb, sc))
 
     # ----------------------------------------------------------------- spine
     def y_vb(self, z):
@@ -218,6 +164,7 @@ def _materials(rng: np.random.Generator) -> dict:
         "cortical": _u(rng, 1100, 1400), "rib_cortical": _u(rng, 950, 1250),
         "cancellous": _u(rng, 220, 330), "disc": _u(rng, 70, 100), "cartilage": _u(rng, 100, 160),
         "spinal_canal": _u(rng, 15, 30), "embolus": _u(rng, 22, 38),
+        "glandular": _u(rng, 20, 45),
     }
 
 
@@ -232,25 +179,57 @@ def _frame(u: np.ndarray) -> np.ndarray:
 def sample_chest(rng: np.random.Generator) -> Chest:
     """Draw one chest: body habitus, organ positions and sizes, vessel and airway trees."""
     hu = _materials(rng)
-    b_post = _u(rng, 95, 115)
-    z_dome_r = _u(rng, -75, -45)
+    z_dome_r = _u(rng, -95, -65)
+    c_post = _u(rng, 64, 78)
     ch = Chest(
-        hu=hu, a=_u(rng, 140, 172), b_ant=_u(rng, 100, 122), b_post=b_post, yc=_u(rng, -8, 8),
-        back_y=0.0, skin=_u(rng, 1.5, 2.5), fat=_u(rng, 6, 22), muscle_lat=_u(rng, 10, 16),
-        muscle_ant=_u(rng, 10, 18), muscle_post=_u(rng, 32, 45),
-        z_apex=z_dome_r + _u(rng, 195, 230),
+        hu=hu, yc=_u(rng, -8, 8), ca=_u(rng, 114, 138), c_ant=_u(rng, 74, 92), c_post=c_post,
+        fin_x=_u(rng, 0.42, 0.52), fin_ant=_u(rng, 0.45, 0.6), fin_post=_u(rng, 0.8, 0.92),
+        skin=_u(rng, 1.5, 2.5), fat=_u(rng, 5, 25), muscle_lat=_u(rng, 10, 16),
+        muscle_ant=_u(rng, 9, 15), muscle_post=_u(rng, 32, 45), pec=_u(rng, 8, 22),
+        scap_pad=_u(rng, 8, 18), belly=_u(rng, 0, 35),
+        z_apex=z_dome_r + _u(rng, 190, 225), z_widest=z_dome_r + _u(rng, 5, 35),
         z_dome_r=z_dome_r, z_dome_l=z_dome_r - _u(rng, 8, 22), dome_k=_u(rng, 60, 85),
         dome_x=_u(rng, 55, 70), dome_w=_u(rng, 85, 100), lung_gap=_u(rng, 24, 32),
         vb_rx=_u(rng, 17, 21), vb_ry=_u(rng, 13, 16), vb_period=_u(rng, 22, 27),
         vb_disc=_u(rng, 4, 6.5), vb_phase=_u(rng, 0, 30), kyphosis=_u(rng, 0, 14),
     )
-    ch.back_y = ch.yc - 0.92 * ch.b_post
+    ch.cav_back_y = ch.yc - 0.8 * c_post
+    ch.back_y = ch.cav_back_y - ch.wall[2]
     ch.z_car = ch.z_apex - _u(rng, 95, 115)
     ch.liver_height = _u(rng, 120, 165)
+    _place_girdle(ch, rng)
     _place_heart_and_vessels(ch, rng)
     _place_ribs(ch, rng)
     _grow_lung_trees(ch, rng)
     return ch
+
+
+def _place_girdle(ch: Chest, rng: np.random.Generator) -> None:
+    """Raised arms (humeral heads), scapulae and, in about half the phantoms, breasts."""
+    a0 = float(ch.cage(ch.z_apex)[0])
+    hx, hy, hz = a0 + _u(rng, 40, 52), ch.yc - 0.3 * ch.c_post, ch.z_apex + _u(rng, -5, 25)
+    spread, fwd = _u(rng, 0.25, 0.45), _u(rng, -0.05, 0.15)
+    r_head, r_arm = _u(rng, 44, 52), _u(rng, 36, 44)
+    for s in (1, -1):
+        head = np.array([s * hx, hy, hz])
+        d = np.array([s * spread, fwd, 1.0])
+        ch.arms.append((head, head + 350.0 * d / np.linalg.norm(d), r_head, r_arm))
+        # Scapula: a triangle in (|x|, z) on the posterior chest wall; corners: superior
+        # angle, inferior angle, lateral angle (the glenoid, next to the humeral head).
+        ch.scapulae.append(np.array([[_u(rng, 48, 60), ch.z_apex + _u(rng, 0, 15)],
+                                     [_u(rng, 68, 88), ch.z_apex - _u(rng, 125, 150)],
+                                     [hx - 24.0, hz - 8.0]]))
+    ch.landmarks["humeral_heads"] = [a[0] for a in ch.arms]
+    if rng.random() < 0.45:
+        zb = ch.z_dome_r + _u(rng, 40, 75)
+        rb, proj = _u(rng, 55, 80), _u(rng, 25, 55)
+        xb = _u(rng, 0.5, 0.62) * ch.ca
+        a, ba, _ = ch.cage(zb)
+        wl, wa, _ = ch.wall_at(zb)
+        yf = ch.yc + float(ba + wa) * np.sqrt(max(0.0, 1.0 - (xb / float(a + wl)) ** 2))
+        for s in (1, -1):
+            c = np.array([s * (xb + _u(rng, -4, 4)), yf - 0.4 * proj, zb - 0.25 * rb])
+            ch.breasts.append((c, (rb, proj, 0.9 * rb)))
 
 
 def _place_heart_and_vessels(ch: Chest, rng: np.random.Generator) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .phantom_anatomy import Chest, smoothstep
+from .phantom_anatomy import Chest, catmull_rom, polyline_segments, smoothstep
 from .phantom_render import (
     Canvas,
     SmoothNoise,
@@ -27,7 +27,7 @@ TISSUE_CLASSES = {
     "air": 0, "skin": 1, "fat": 2, "muscle": 3, "lung": 4, "airway": 5, "soft_tissue": 6,
     "myocardium": 7, "pulmonary_artery": 8, "right_heart": 9, "left_heart": 10, "aorta": 11,
     "cortical_bone": 12, "cancellous_bone": 13, "cartilage": 14, "spinal_canal": 15,
-    "liver": 16, "embolus": 17,
+    "liver": 16, "embolus": 17, "glandular": 18,
 }
 T = TISSUE_CLASSES
 _EVERYWHERE = ([-1e9] * 3, [1e9] * 3)
@@ -35,12 +35,14 @@ _EVERYWHERE = ([-1e9] * 3, [1e9] * 3)
 
 def render_chest(cv: Canvas, ch: Chest, texture: SmoothNoise) -> None:
     hu = ch.hu
-    _paint_body(cv, ch)
+    _paint_body(cv, ch, texture)
     _paint_abdomen(cv, ch)
     for side in (1, -1):
         _paint_lung(cv, ch, side, texture)
     paint_tubes(cv, ch.tubes["esophagus"], hu["soft_tissue"], T["soft_tissue"])
     _paint_heart(cv, ch)
+    for name in ("aorta", "arch_branches", "svc", "mpa"):  # a rim of mediastinal fat
+        paint_tubes(cv, ch.tubes[name], hu["mediastinal_fat"], T["fat"], grow=4.0)
     paint_tubes(cv, ch.tubes["aorta"], hu["aorta"], T["aorta"])
     paint_tubes(cv, ch.tubes["arch_branches"], hu["aorta"], T["aorta"])
     paint_tubes(cv, ch.tubes["svc"], hu["svc"], T["right_heart"])
@@ -50,41 +52,68 @@ def render_chest(cv: Canvas, ch: Chest, texture: SmoothNoise) -> None:
     _paint_airways(cv, ch)
     _paint_spine(cv, ch)
     _paint_ribs_sternum(cv, ch)
+    _paint_girdle(cv, ch)
     for name in ("mpa", "rpa", "lpa"):
         paint_tubes(cv, ch.tubes[name], hu["pulmonary_artery"], T["pulmonary_artery"])
     paint_tubes(cv, ch.tubes["artery_tree"][:, :8], hu["pulmonary_artery"], T["pulmonary_artery"])
 
 
-def _paint_body(cv: Canvas, ch: Chest) -> None:
-    """Skin, subcutaneous fat and muscle by depth below the skin, then the cavity."""
+def _paint_body(cv: Canvas, ch: Chest, texture: SmoothNoise) -> None:
+    """Skin, subcutaneous fat and muscle by depth below the skin (breasts: skin and fat only,
+    their glandular tissue painted after), then the cavity inside the rib cage."""
     hu = ch.hu
-    w = cv.width
-    t_skin, t_fat = ch.skin, ch.skin + ch.fat
-    steps = ((0.0, hu["skin"] - hu["air"]), (t_skin, hu["fat"] - hu["skin"]),
-             (t_fat, hu["muscle"] - hu["fat"]))
+    half = 0.5 * cv.width
+    arms_z = ch.arms_low_z() if ch.arms else np.inf
+    bbox = ch.breast_box()
+    min_wall = min(ch.wall_at(np.linspace(ch.z_apex + 60.0, ch.z_dome_r - 200.0, 60))[0])
     for sl, x, y, z in cv.blocks(*_EVERYWHERE):
-        sd = ch.sd_body(x, y, z)
-        if sd.max() <= -0.5 * w:
+        sd_m = ch.sd_trunk(x, y, z)  # where the muscle layer is (trunk and arms)
+        if float(z.max()) > arms_z:
+            sd_m = np.maximum(sd_m, ch.sd_arms(x, y, z))
+        sd = sd_m
+        if bbox is not None and _overlaps(x, y, z, *bbox):
+            sd = np.maximum(sd_m, ch.sd_breasts(x, y, z))
+        if sd.max() <= -half:
             continue  # outside the body: the canvas is already air
+        t_skin = ch.skin
+        t_fat = t_skin + ch.fat * (1.0 + 0.5 * ch._bands(z)[2])  # (1, 1, bz): more over the abdomen
         view = cv.hu[sl]
-        if sd.min() >= t_fat + 0.5 * w:
+        if sd_m.min() >= float(np.max(t_fat)) + half:
             view[...] = hu["muscle"]
             if cv.labels is not None:
                 cv.labels[sl] = T["muscle"]
         else:
             acc = np.full(sd.shape, hu["air"], np.float32)
-            for depth, dv in steps:
-                a = ramp(sd - depth, w)
+            for depth, dv, d in ((0.0, hu["skin"] - hu["air"], sd),
+                                 (t_skin, hu["fat"] - hu["skin"], sd),
+                                 (t_fat, hu["muscle"] - hu["fat"], sd_m)):
+                a = ramp(d - depth, cv.width)
                 a *= np.float32(dv)
                 acc += a
             view[...] = acc
             if cv.labels is not None:  # 0 air, 1 skin, 2 fat, 3 muscle
-                cv.labels[sl] = (sd > 0).view(np.uint8) + (sd > t_skin) + (sd > t_fat)
-        cv.paint(sl, ch.sd_cavity(x, y, z), hu["mediastinal_fat"], T["fat"])
+                cv.labels[sl] = (sd > 0).view(np.uint8) + (sd > t_skin) + (sd_m > t_fat)
+        if sd_m.max() > min_wall - cv.width:  # the cavity lies at least one wall deep
+            cv.paint(sl, ch.sd_cavity(x, y, z), hu["mediastinal_fat"], T["fat"])
+    for c, semi in ch.breasts:  # fibroglandular tissue: mottled blobs inside the breast fat
+        inner = (c + np.array([0.0, 0.15 * semi[1], 0.05 * semi[2]]),
+                 (0.62 * semi[0], 0.55 * semi[1], 0.55 * semi[2]))
+
+        def blobs(x, y, z):
+            sd = np.minimum((texture(x, y, z) + 0.3) * 5.0,
+                            ch.sd_breasts(x, y, z) - (ch.skin + 4.0))
+            return np.minimum(sd, (ch.skin + ch.fat) - ch.sd_trunk(x, y, z))  # not in muscle
+
+        paint_ellipsoid(cv, *inner, hu["glandular"], T["glandular"], clip=blobs)
+
+
+def _overlaps(x, y, z, lo, hi) -> bool:
+    return (float(x.max()) >= lo[0] and float(x.min()) <= hi[0] and float(y.max()) >= lo[1]
+            and float(y.min()) <= hi[1] and float(z.max()) >= lo[2] and float(z.min()) <= hi[2])
 
 
 def _cavity_box(ch: Chest, zlo=-1e9, zhi=1e9):
-    return [-ch.a, ch.back_y, zlo], [ch.a, ch.yc + ch.b_ant, zhi]
+    return [-ch.a, ch.back_y, zlo], [ch.a, ch.y_front, zhi]
 
 
 def _paint_abdomen(cv: Canvas, ch: Chest) -> None:
@@ -95,7 +124,7 @@ def _paint_abdomen(cv: Canvas, ch: Chest) -> None:
         sd = np.minimum(ch.sd_cavity(x, y, z), (dome + 3.0) - z)  # up to the diaphragm's top
         cv.paint(sl, sd, hu["abdomen"], T["soft_tissue"])
     # Liver: under the right dome, its left edge and lower edge slanting.
-    lo, hi = [-90, ch.back_y, zr - ch.liver_height - 80], [ch.a, ch.yc + ch.b_ant, zr + 2]
+    lo, hi = [-90, ch.back_y, zr - ch.liver_height - 80], [ch.a, ch.y_front, zr + 2]
     for sl, x, y, z in cv.blocks(lo, hi):
         sd = np.minimum(ch.sd_cavity(x, y, z) - 2.0, (ch.dome(x, y) - 1.0) - z)
         sd = np.minimum(sd, (x + 50.0) - 0.35 * (zr - z))
@@ -105,7 +134,7 @@ def _paint_abdomen(cv: Canvas, ch: Chest) -> None:
     def under_dome(x, y, z):
         return np.minimum((ch.dome(x, y) - 1.0) - z, ch.sd_cavity(x, y, z) - 2.0)
 
-    ca = ch.a - ch.wall[0]
+    ca = 0.95 * ch.ca
     spleen_c = (-(ca - 30.0), ch.cav_back_y + 40.0, ch.z_dome_l - 45.0)
     paint_ellipsoid(cv, spleen_c, (22.0, 40.0, 45.0), hu["spleen"], T["soft_tissue"],
                     clip=under_dome)
@@ -235,14 +264,59 @@ def _paint_ribs_sternum(cv: Canvas, ch: Chest) -> None:
         cv.paint(sl, sd, hu["cortical"], T["cortical_bone"])
         sd -= 1.3
         cv.paint(sl, sd, hu["cancellous"], T["cancellous_bone"])
-    # Clavicles: from the manubrium outwards and back over the lung apices.
+
+
+def _paint_girdle(cv: Canvas, ch: Chest) -> None:
+    """Clavicles, scapulae and humeri (the arms are raised)."""
+    hu = ch.hu
+    z_top = ch.z_car + 45.0  # jugular notch
     front = float(ch.cavity_front_y(z_top))
     segs = []
-    for s in (1, -1):
-        pts = [[s * 18.0, front + 10.0, z_top + 4.0], [s * 0.4 * ch.a, front + 4.0, z_top + 22.0],
-               [s * 0.72 * ch.a, ch.yc - 5.0, z_top + 30.0]]
-        segs.append(np.hstack([np.array(pts[:-1]), np.array(pts[1:]), np.full((2, 2), 6.0)]))
+    for s, (head, tip, _, _) in zip((1, -1), ch.arms, strict=True):
+        hx, hy, hz = (float(v) for v in head)
+        # An S-shaped clavicle from the manubrium to the acromion above the humeral head.
+        pts = [[s * 16.0, front + 9.0, z_top + 4.0], [s * 45.0, front + 12.0, z_top + 12.0],
+               [s * (abs(hx) - 40.0), hy + 28.0, hz + 12.0], [s * (abs(hx) - 8.0), hy + 6.0, hz + 22.0]]
+        segs.append(polyline_segments(catmull_rom(pts, 8.0), 6.0, 5.0))
+        d = (tip - head) / np.linalg.norm(tip - head)
+        segs.append(np.array([[*head, *head, 22.0, 22.0], [*head, *(head + 300.0 * d), 11.0, 10.0]]))
     _paint_bone_tubes(cv, np.vstack(segs), hu["rib_cortical"], hu, 1.5)
+    for s, tri in zip((1, -1), ch.scapulae, strict=True):
+        _paint_scapula(cv, ch, s, tri)
+
+
+def _paint_scapula(cv: Canvas, ch: Chest, s: int, tri: np.ndarray) -> None:
+    """A triangular blade halfway through the posterior chest wall, thicker along its lateral
+    border and at the glenoid (corners ``tri``: superior, inferior, lateral angle in (|x|, z))."""
+    hu = ch.hu
+    (ux, uz), (vx, vz) = tri[1] - tri[0], tri[2] - tri[0]
+    if ux * vz - uz * vx < 0:
+        tri = tri[[0, 2, 1]]  # counter-clockwise in (|x|, z)
+    edges = []
+    for i in range(3):
+        p, q = tri[i], tri[(i + 1) % 3]
+        n = np.array([-(q - p)[1], (q - p)[0]]) / np.linalg.norm(q - p)  # inward normal
+        edges.append((float(n[0]), float(n[1]), float(n @ p)))
+    lat = int(np.argmax(tri[:, 0]))  # the glenoid corner
+    gx, gz = (float(v) for v in tri[lat])
+    lo_x, hi_x = float(tri[:, 0].min()) - 4.0, float(tri[:, 0].max()) + 12.0
+    xs = (lo_x, hi_x) if s > 0 else (-hi_x, -lo_x)
+    lo = [xs[0], ch.back_y, float(tri[:, 1].min()) - 4.0]
+    hi = [xs[1], ch.yc, float(tri[:, 1].max()) + 12.0]
+    for sl, x, y, z in cv.blocks(lo, hi):
+        ax = x * float(s)
+        inplane = None
+        for nx, nz, c in edges:
+            d = (ax * nx + z * nz) - c
+            inplane = d if inplane is None else np.minimum(inplane, d)
+        glen = np.sqrt((ax - gx) ** 2 + (z - gz) ** 2)
+        half_t = 2.0 + 6.0 * np.clip(1.0 - glen * (1.0 / 30.0), 0.0, 1.0)
+        # Depth: halfway between the rib cage (sd_cavity = 0) and the skin (sd_trunk = 0).
+        mid = 0.5 * (-ch.sd_cavity(x, y, z) - ch.sd_trunk(x, y, z))
+        sd = np.minimum(np.minimum(half_t - np.abs(mid), inplane), (ch.yc - 5.0) - y)
+        cv.paint(sl, sd, hu["rib_cortical"], T["cortical_bone"])
+        sd -= 1.5
+        cv.paint(sl, sd, hu["cancellous"], T["cancellous_bone"])
 
 
 # ------------------------------------------------------------------------- emboli

@@ -1,7 +1,7 @@
 """What a volume looks like to a model: shape, spacing and HU window (a preset's data part).
 
-``launch.presets`` builds these from named presets; ``patching`` only consumes them, so the data
-layer never imports ``launch``.
+The data part of every named preset is here (:data:`DATA_PRESETS`, :func:`data_spec`), in the
+lowest layer, so a sampler can read a checkpoint's preset without importing ``launch``.
 """
 
 from __future__ import annotations
@@ -76,3 +76,26 @@ def unit_to_hu(u, window: tuple[float, float]):
         return (u.float().clamp(-1, 1) + 1.0) * 0.5 * (hi - lo) + lo
     x = np.asarray(u, dtype=np.float32)
     return (np.clip(x, -1, 1) + 1.0) * 0.5 * (hi - lo) + lo
+
+
+# --- the data part of the named presets ---------------------------------------------------------
+
+
+def cpu_demo_data() -> VolumeSpec:
+    # 64³ phantoms covering a 360 mm chest field of view: small enough for a laptop CPU.
+    return VolumeSpec(shape=(64, 64, 64), spacing_mm=(5.625, 5.625, 5.625), hu_window=(-1024.0, 1600.0))
+
+
+def ctpa_512_data() -> VolumeSpec:
+    # 512×512×604 CTPA grid (X-ray2CTPA's full resolution): 0.7 mm in-plane, 0.6 mm slices.
+    return VolumeSpec(shape=(512, 512, 604), spacing_mm=(0.7, 0.7, 0.6), hu_window=(-1024.0, 1600.0))
+
+
+DATA_PRESETS = {"cpu-demo": cpu_demo_data, "ctpa-512": ctpa_512_data}
+
+
+def data_spec(name: str) -> VolumeSpec:
+    try:
+        return DATA_PRESETS[name]()
+    except KeyError:
+        raise InputError("--preset", f"unknown preset {name!r}; known: {', '.join(sorted(DATA_PRESETS))}") from None

@@ -3,7 +3,7 @@
 The layouts are those written by ``launch/checkpoint.py`` (``D/checkpoints/step-<N>/`` with
 ``meta.json``, ``models/``, ``ema/``, ``extra``; ``D/checkpoints/latest`` names the newest) and
 ``launch/export.py`` (``<model>.safetensors`` + ``config.json``). Stage packages never import
-``launch`` (see ARCHITECTURE.md), so the few readers every sampler needs live here, in the
+``launch`` (see docs/architecture.md), so the few readers every sampler needs live here, in the
 lowest layer, once.
 """
 

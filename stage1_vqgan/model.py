@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from patching.errors import InputError
+from patching.pretrained import Pretrained
 
 from .blocks import (
     AttentionBlock3d,
@@ -127,7 +128,7 @@ class VQGANOutput(NamedTuple):
     stats: dict[str, torch.Tensor]  # quantizer stats, 0-d tensors (see EMAVectorQuantizer.forward)
 
 
-class VQGAN(nn.Module):
+class VQGAN(Pretrained):
     """3D VQ-GAN autoencoder (the discriminator is separate: :mod:`stage1_vqgan.discriminator`).
 
     Args:
@@ -136,9 +137,11 @@ class VQGAN(nn.Module):
             training context's generator for exactly reproducible restarts).
     """
 
+    config_class = VQGANConfig
+
     def __init__(self, cfg: VQGANConfig, seed: int = 0):
         super().__init__()
-        self.cfg = cfg
+        cfg = self.cfg = self.init_config(cfg)
         self.encoder = Encoder3d(cfg)
         self.quantizer = EMAVectorQuantizer(cfg.codebook_size, cfg.latent_dim, beta=cfg.commitment_beta,
                                             decay=cfg.ema_decay, eps=cfg.ema_eps,

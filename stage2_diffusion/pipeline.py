@@ -15,25 +15,22 @@ EMA weights when the run kept them. The VQ-GAN is loaded with
 Pipeline: X-rays (:func:`patching.xray_io.read_xray`, resized to the encoder's size; a missing
 view gets the encoder's learned tokens) → :func:`stage2_diffusion.sampler.sample_latents`
 (whole latent, or the config's window) → ÷ scale factor → :func:`stage1_vqgan.codec.decode_latent`
-(tiled, HU) → int16 → NIfTI (the spec's spacing, centred RAS+ affine), Zarr, tri-planar PNG.
-K samples are drawn one after the other from one CPU generator seeded with ``seed`` (the same
+(tiled, HU) → int16 → :func:`patching.reconstruct.sample_files` (NIfTI with the spec's spacing
+and a centred RAS+ affine, Zarr, tri-planar PNG). K samples are drawn one after the other from one CPU generator seeded with ``seed`` (the same
 seed gives the same files); for K > 1 each further sample, the voxel-wise mean and std (HU) are
 written too.
 
-In memory (an evaluation loop): :class:`DiffusionReconstructor` loads both models once and maps
+In memory (an evaluation loop): :class:`DiffusionReconstructor` (the method's
+:class:`patching.reconstruct.Reconstructor`) loads both models once and maps
 ``{view: array in [0, 1]}`` to int16 HU volumes ``(K, X, Y, Z)``; ``sample_diffusion`` reads the
 files, draws through it and writes the results, so both give the same volume for a seed.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import numbers
-import resource
-import sys
-import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -42,12 +39,11 @@ import numpy as np
 import torch
 
 from patching.errors import InputError
-from patching.preview import save_triplanar_png
-from patching.spec import centred_affine
-from patching.volume_io import write_nifti, write_zarr
+from patching.reconstruct import Reconstructor, check_xrays, positive_int, sample_files, to_shape
+from patching.spec import VolumeSpec
 from patching.weights import model_state, resolve_weights
 from patching.weights import read_json as _read_json
-from patching.xray_io import read_xray, resize_xray
+from patching.xray_io import resize_xray
 from stage1_vqgan.codec import decode_latent
 from stage1_vqgan.encode import load_vqgan
 
@@ -128,13 +124,7 @@ def load_diffusion(checkpoint: str | Path, device: str | torch.device = "cpu") -
     return LoadedDiffusion(cfg, model, extra, int(meta.get("step", 0)), weights, where)
 
 
-def _positive_int(value, source: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise InputError(source, f"must be a positive integer, got {value!r}")
-    return int(value)
-
-
-class DiffusionReconstructor:
+class DiffusionReconstructor(Reconstructor):
     """Loads a stage-2 checkpoint/run dir/export once (:func:`load_diffusion`) and its VQ-GAN
     (sha256-checked against the reference the latents were made with), then turns X-ray arrays
     into CT volumes in memory.
@@ -142,9 +132,10 @@ class DiffusionReconstructor:
         rec = DiffusionReconstructor("runs/diff", steps=10)
         hu = rec.reconstruct({"pa": pa, "lateral": lat}, seed=0, num_samples=4)   # (4, X, Y, Z) int16
 
-    Attributes: ``views`` (the encoder's view order), ``spacing_mm``, ``hu_window``,
-    ``volume_shape`` (``latent_shape`` × the VQ-GAN's downsampling), ``step``, ``weights``
-    ("ema"/"raw"), ``source``; also ``cfg``, ``latent_shape``, ``latent_scale_factor``,
+    Attributes: those of :class:`patching.reconstruct.Reconstructor` (``geometry``: the
+    ``volume_shape`` = ``latent_shape`` × the VQ-GAN's downsampling, the recorded spacing and
+    HU window), ``views`` (the encoder's view order), ``spacing_mm``, ``hu_window``,
+    ``volume_shape``; also ``cfg``, ``latent_shape``, ``latent_scale_factor``,
     ``vqgan_reference``, ``steps``, ``guidance``, ``device``.
 
     Args:
@@ -155,17 +146,14 @@ class DiffusionReconstructor:
             weights must have the recorded sha256.
         steps, guidance: sampler steps and CFG scale (default: the checkpoint's config).
         progress: tqdm bar over the denoising steps.
-        windowed: denoise in the config's ``sampler.fallback_window`` windows instead of its
-            ``sampler.window`` (the memory fallback when the whole latent does not fit).
 
     Raises:
-        InputError: bad checkpoint, VQ-GAN sha256 mismatch, bad ``steps``/``guidance``, ``windowed``
-            with no fallback window in the config.
+        InputError: bad checkpoint, VQ-GAN sha256 mismatch, bad ``steps``/``guidance``.
     """
 
     def __init__(self, checkpoint: str | Path, *, device: str | torch.device | None = None,
                  vqgan: str | Path | None = None, steps: int | None = None, guidance: float | None = None,
-                 progress: bool = False, windowed: bool = False):
+                 progress: bool = False):
         self.device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
         loaded = load_diffusion(checkpoint, self.device)
         cfg, extra = loaded.cfg, loaded.extra
@@ -177,7 +165,7 @@ class DiffusionReconstructor:
         if vq.reference["weights_sha256"] != ref.get("weights_sha256"):
             raise InputError(vq_path, f"VQ-GAN weights sha256 {vq.reference['weights_sha256']} differ from "
                                       f"{ref.get('weights_sha256')} that the diffusion model {loaded.source} was trained on")
-        self.steps = _positive_int(cfg.sampler.steps if steps is None else steps, "steps")
+        self.steps = positive_int(cfg.sampler.steps if steps is None else steps, "steps")
         self.guidance = cfg.diffusion.guidance_scale if guidance is None else guidance
         g = self.guidance
         if isinstance(g, bool) or not isinstance(g, numbers.Real) or not (math.isfinite(g) and g >= 0):
@@ -193,62 +181,47 @@ class DiffusionReconstructor:
         self.hu_window = tuple(float(v) for v in ref.get("hu_window") or vq.hu_window)
         self.views = tuple(cfg.encoder.views)
         f = int(vq.model.cfg.downsample)
-        self.volume_shape = tuple(f * s for s in self.latent_shape)
+        self.volume_shape = self.grid = tuple(f * s for s in self.latent_shape)
+        self.geometry = VolumeSpec(self.volume_shape, self.spacing_mm, self.hu_window)
         self.scheduler = sample_scheduler(cfg.diffusion, cfg.sampler.name)
-        if windowed and cfg.sampler.fallback_window is None:
-            raise InputError(loaded.source, "its config has no sampler.fallback_window for --windowed")
-        self.window = cfg.sampler.fallback_window if windowed else cfg.sampler.window
+        self.window = cfg.sampler.window
 
-    def _inputs(self, xrays) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(1, V, S, S)`` X-rays resized to the encoder's size and ``(1, V)`` views present."""
-        if not isinstance(xrays, Mapping):
-            raise InputError("xrays", f"needs a dict {{view: 2-D array in [0, 1]}}, got {type(xrays).__name__}")
-        unknown = [k for k in xrays if k not in self.views]
-        if unknown:
-            raise InputError("xrays", f"unknown view {unknown[0]!r}; this model takes {', '.join(self.views)}")
-        given = {k: v for k, v in xrays.items() if v is not None}
-        if not given:
-            raise InputError("xrays", f"no view given; pass at least one of {', '.join(self.views)}")
+    def use_fallback_window(self) -> None:
+        """Denoise in the config's ``sampler.fallback_window`` windows from now on (``xray2ct
+        sample --windowed``: the memory fallback when the whole latent does not fit)."""
+        if self.cfg.sampler.fallback_window is None:
+            raise InputError(self.source, "its config has no sampler.fallback_window for --windowed")
+        self.window = tuple(self.cfg.sampler.fallback_window)
+
+    task = TASK_NAME
+    stochastic = True
+
+    @classmethod
+    def from_path(cls, path, *, device=None, steps=None, guidance=None) -> DiffusionReconstructor:
+        return cls(path, device=device, steps=steps, guidance=guidance)
+
+    def info(self) -> dict:
+        return {**super().info(), "steps": int(self.steps), "guidance": float(self.guidance),
+                "vqgan": self.vqgan_reference, "latent_scale_factor": self.latent_scale_factor,
+                "latent_shape": list(self.latent_shape), "device": str(self.device),
+                "window": None if self.window is None else list(self.window)}
+
+    def _inputs(self, xrays: dict[str, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(1, V, S, S)`` checked X-rays resized to the encoder's size and ``(1, V)`` views present."""
         size = self.cfg.encoder.image_size
-        imgs, present = [], []
-        for view in self.views:
-            if view not in given:
-                imgs.append(np.zeros((size, size), np.float32))
-                present.append(False)
-                continue
-            src, a = f"xrays[{view!r}]", np.asarray(given[view])
-            if a.dtype.kind not in "biuf":
-                raise InputError(src, f"needs a numeric array, got dtype {a.dtype}")
-            if a.ndim != 2 or a.size == 0:
-                raise InputError(src, f"needs a non-empty 2-D [row, col] array, got shape {a.shape}")
-            bad = int(a.size - np.isfinite(a).sum())
-            if bad:
-                raise InputError(src, f"has {bad} NaN or Inf value(s)")
-            lo, hi = float(a.min()), float(a.max())
-            if lo < 0.0 or hi > 1.0:
-                raise InputError(src, f"values must lie in [0, 1], got {lo:.4g} .. {hi:.4g} "
-                                      "(patching.xray_io.read_xray normalises image files)")
-            imgs.append(resize_xray(a.astype(np.float32), (size, size)).astype(np.float32))
-            present.append(True)
-        return torch.from_numpy(np.stack(imgs))[None], torch.tensor([present])
+        imgs = [resize_xray(xrays[v], (size, size)).astype(np.float32) if v in xrays else np.zeros((size, size), np.float32)
+                for v in self.views]
+        return torch.from_numpy(np.stack(imgs))[None], torch.tensor([[v in xrays for v in self.views]])
 
-    def iter_samples(self, xrays: dict[str, np.ndarray], *, seed: int = 0,
-                     num_samples: int = 1) -> Iterator[np.ndarray]:
-        """The volumes of :meth:`reconstruct` one at a time (inputs are checked at the call)."""
+    def _volumes(self, xrays, seed, num_samples, shape) -> Iterator[np.ndarray]:
         x, present = self._inputs(xrays)
-        num_samples = _positive_int(num_samples, "num_samples")
-        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-            raise InputError("seed", f"must be an integer, got {seed!r}")
         try:
-            generator = torch.Generator().manual_seed(int(seed))
+            generator = torch.Generator().manual_seed(seed)
         except RuntimeError as err:
             raise InputError("seed", f"{seed} is not a valid seed ({err})") from None
-        return self._samples(x, present, generator, num_samples)
-
-    def _samples(self, x: torch.Tensor, present: torch.Tensor, generator: torch.Generator,
-                 num_samples: int) -> Iterator[np.ndarray]:
         for _ in range(num_samples):
-            yield self.decode(self._latent(x, present, generator, self.window))
+            vol = self.decode(self._latent(x, present, generator, self.window))
+            yield vol if vol.shape == shape else to_shape(vol, shape)
 
     def _latent(self, x: torch.Tensor, present: torch.Tensor, generator: torch.Generator,
                 window, overlap: float | None = None) -> torch.Tensor:
@@ -264,40 +237,33 @@ class DiffusionReconstructor:
         """One sampled latent in the VQ-GAN's units ``(C, *latent_shape)`` (÷ scale factor), for
         analyses: ``window`` None denoises the whole latent, a size denoises blended windows,
         ``"config"`` uses the checkpoint's sampler setting. Seeded like :meth:`reconstruct`'s first sample."""
-        x, present = self._inputs(xrays)
+        x, present = self._inputs(check_xrays(xrays, self.views))
         return self._latent(x, present, torch.Generator().manual_seed(int(seed)),
                             self.cfg.sampler.window if window == "config" else window, overlap)
 
     def decode(self, latent: torch.Tensor, tile_latent=None) -> np.ndarray:
         """int16 HU of a latent in the VQ-GAN's units, with the VQ-GAN's tiled codec
         (``tile_latent`` overrides its latent tile, e.g. the whole latent for a seam-free reference)."""
-        codec = self.vq.codec
-        hu = decode_latent(self.vq.model, latent, tuple(tile_latent or codec.tile_latent), codec.overlap,
-                           hu_window=self.hu_window, batch_size=codec.batch_size, device=self.device,
-                           progress=self.progress)[0].numpy()
-        np.rint(hu, out=hu)  # in place: one float32 volume (633 MB at 512×512×604), then its int16 copy
-        np.clip(hu, -32768, 32767, out=hu)
-        return hu.astype(np.int16)
+        codec, f = self.vq.codec, int(self.vq.model.cfg.downsample)
+        sink = _Int16Volume(tuple(f * int(s) for s in latent.shape[1:]))
+        decode_latent(self.vq.model, latent, tuple(tile_latent or codec.tile_latent), codec.overlap, out=sink,
+                      hu_window=self.hu_window, batch_size=codec.batch_size, device=self.device, progress=self.progress)
+        return sink.data
 
-    def reconstruct(self, xrays: dict[str, np.ndarray], *, seed: int = 0, num_samples: int = 1) -> np.ndarray:
-        """CT volumes for one set of X-rays.
 
-        Args:
-            xrays: ``{"pa": 2-D float array in [0, 1] of any size, optionally "lateral": ...}``
-                (resized to the encoder's size; a missing view — absent or None — uses the
-                encoder's learned missing-view tokens).
-            seed: seed of the CPU generator that draws the samples one after the other, as
-                :func:`sample_diffusion` does (``reconstruct(x, seed=s)[0]`` is its volume for seed s).
-            num_samples: K ≥ 1.
+class _Int16Volume:
+    """Out-of-core target of the tiled decode: the stitcher writes finished slabs of float HU,
+    stored here rounded and clipped to int16 — the float32 volume (633 MB at 512×512×604) never
+    exists whole, only the stitcher's slabs (docs/full_resolution.md, "Memory model")."""
 
-        Returns:
-            int16 HU, ``(num_samples, *volume_shape)``.
+    def __init__(self, shape: tuple[int, int, int]):
+        self.shape = shape
+        self.data = np.empty(shape, np.int16)
 
-        Raises:
-            InputError: unknown view names, no view given, arrays that are not 2-D or hold NaN
-                or values outside [0, 1], bad ``seed``/``num_samples``.
-        """
-        return np.stack(list(self.iter_samples(xrays, seed=seed, num_samples=num_samples)))
+    def __setitem__(self, key, value) -> None:
+        v = np.rint(np.asarray(value, dtype=np.float32))
+        np.clip(v, -32768, 32767, out=v)
+        self.data[key] = v
 
 
 def sample_diffusion(checkpoint: str | Path, pa: str | Path | None, lateral: str | Path | None, out: str | Path, *,
@@ -329,64 +295,10 @@ def sample_diffusion(checkpoint: str | Path, pa: str | Path | None, lateral: str
         InputError: bad checkpoint, missing X-rays, a VQ-GAN whose sha256 differs from the one
             the model was trained on, bad ``steps``/``guidance``/``num_samples``.
     """
-    t0 = time.perf_counter()
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise InputError("--out", f"{out} exists and is not a directory")
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-        raise InputError("--num-samples", f"must be a positive integer, got {num_samples!r}")
-    files_in = {"pa": pa, "lateral": lateral}
-    if all(v is None for v in files_in.values()):
+    if pa is None and lateral is None:  # before the models load
         raise InputError("--pa", "give at least one X-ray (--pa, and --lateral for biplanar input)")
-    shown = {v: read_xray(Path(f)) for v, f in files_in.items() if f is not None}
     rec = DiffusionReconstructor(checkpoint, device=device, vqgan=vqgan, steps=steps, guidance=guidance,
-                                 progress=progress, windowed=windowed)
-    for v in shown:
-        if v not in rec.views:
-            raise InputError(f"--{v}", f"this model takes only the views {', '.join(rec.views)}")
-
-    out.mkdir(parents=True, exist_ok=True)
-    files: dict[str, Path] = {}
-    mean = m2 = None
-    affine = centred_affine(rec.volume_shape, rec.spacing_mm)
-    hu0 = None
-    for k, hu in enumerate(rec.iter_samples(shown, seed=seed, num_samples=num_samples)):
-        if k == 0:
-            hu0 = hu
-        else:
-            files[f"sample_{k}"] = write_nifti(out / f"sample-{k:03d}.nii.gz", hu, affine)
-        if num_samples == 1:
-            continue
-        # Welford in float32 (no K volumes held at once; HU·K sums are exact enough for ±0.5 HU):
-        # a float64 copy of a 512×512×604 volume alone would be 1.27 GB.
-        if mean is None:
-            mean, m2 = hu.astype(np.float32), np.zeros(hu.shape, np.float32)
-        else:
-            delta = hu - mean
-            mean += delta / (k + 1)
-            delta *= hu - mean
-            m2 += delta
-            del delta
-    steps, guidance = rec.steps, rec.guidance
-    title = f"diffusion step {rec.step} ({rec.weights}), seed {seed}, {steps} steps, guidance {guidance}"
-    attrs = {"task": TASK_NAME, "step": rec.step, "weights": rec.weights, "source": str(rec.source),
-             "spacing_mm": list(rec.spacing_mm), "affine": affine.tolist(), "units": "HU", "seed": int(seed),
-             "steps": int(steps), "guidance": float(guidance), "num_samples": num_samples,
-             "window": None if rec.window is None else list(rec.window)}
-    files["nifti"] = write_nifti(out / "volume.nii.gz", hu0, affine)
-    files["zarr"] = write_zarr(out / "volume.zarr", hu0, attrs)
-    files["preview"] = save_triplanar_png(out / "preview.png", hu0, rec.spacing_mm, xrays=shown, title=title)
-    if num_samples > 1:
-        files["mean"] = write_nifti(out / "mean.nii.gz", np.rint(mean), affine)
-        files["std"] = write_nifti(out / "std.nii.gz", np.rint(np.sqrt(m2 / num_samples)), affine)
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
-    meta = {**attrs, "vqgan": rec.vqgan_reference, "latent_scale_factor": rec.latent_scale_factor,
-            "latent_shape": list(rec.latent_shape), "volume_shape": list(hu0.shape),
-            "seconds": round(time.perf_counter() - t0, 3), "peak_rss_mb": round(peak_mb, 1), "device": str(rec.device)}
-    meta_path = out / "sample.json"
-    meta_path.write_text(json.dumps(meta, indent=1))
-    files["metadata"] = meta_path
-    if progress:
-        print(f"[xray2ct] sampled {num_samples} volume(s) {tuple(hu0.shape)} in {meta['seconds']:.1f} s, "
-              f"peak RSS {peak_mb:.0f} MB", file=sys.stderr)
-    return files
+                                 progress=progress)
+    if windowed:
+        rec.use_fallback_window()
+    return sample_files(rec, pa, lateral, out, seed=seed, num_samples=num_samples, progress=progress)

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from patching.errors import InputError
+from patching.pretrained import Pretrained
 from stage1_vqgan.blocks import (
     Downsample3d,
     GroupNorm32,
@@ -98,7 +99,7 @@ class _Layer(nn.Module):
         return h
 
 
-class LatentUNet3d(nn.Module):
+class LatentUNet3d(Pretrained):
     """Noise (or velocity) prediction on latents ``(B, C, X, Y, Z)`` of any size.
 
     Args:
@@ -106,10 +107,13 @@ class LatentUNet3d(nn.Module):
             raises :class:`InputError` here unless xformers is installed and CUDA is available.
     """
 
+    config_class = UNetConfig
+
     def __init__(self, cfg: UNetConfig):
         super().__init__()
+        cfg = self.init_config(cfg)
         check_backend(cfg.attention_backend)
-        self.config = cfg
+        self.cfg = cfg
         ch, lowest = cfg.level_channels, len(cfg.channel_mults) - 1
         c_in = cfg.latent_channels + (3 if cfg.use_coords else 0)
         self.conv_in = conv3d(c_in, ch[0])
@@ -149,7 +153,7 @@ class LatentUNet3d(nn.Module):
 
     @property
     def latent_channels(self) -> int:
-        return self.config.latent_channels
+        return self.cfg.latent_channels
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         """Turn recomputation of residual and attention blocks on or off (outputs are unchanged);
@@ -173,7 +177,7 @@ class LatentUNet3d(nn.Module):
         Returns:
             ``(B, C, X, Y, Z)``.
         """
-        cfg = self.config
+        cfg = self.cfg
         if x.ndim != 5 or x.shape[1] != cfg.latent_channels:
             raise InputError("latents", f"expected (B, {cfg.latent_channels}, X, Y, Z), got {tuple(x.shape)}")
         b, shape = x.shape[0], tuple(x.shape[2:])

@@ -27,6 +27,7 @@ from einops import rearrange
 from torch import nn
 
 from patching.errors import InputError
+from patching.pretrained import Pretrained
 from stage1_vqgan.blocks import GroupNorm32
 
 from .config import XrayEncoderConfig
@@ -49,16 +50,19 @@ class ResBlock2d(nn.Module):
         return self.skip(x) + h
 
 
-class XrayEncoder(nn.Module):
+class XrayEncoder(Pretrained):
     """X-rays ``(B, V, H, W)`` in ``[0, 1]`` → tokens ``(B, V · token_grid², token_dim)``.
 
     Args:
         cfg: :class:`~stage2_diffusion.config.XrayEncoderConfig`.
     """
 
+    config_class = XrayEncoderConfig
+
     def __init__(self, cfg: XrayEncoderConfig):
         super().__init__()
-        self.config = cfg
+        cfg = self.init_config(cfg)
+        self.cfg = cfg
         g, d, ch = cfg.token_grid, cfg.token_dim, cfg.channels
         layers: list[nn.Module] = [nn.Conv2d(1, ch[0], 3, padding=1)]
         c_prev = ch[0]
@@ -78,7 +82,7 @@ class XrayEncoder(nn.Module):
 
     @property
     def num_tokens(self) -> int:
-        return self.config.num_tokens
+        return self.cfg.num_tokens
 
     def forward(self, xrays: torch.Tensor, views_present: torch.Tensor | None = None,
                 drop_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -93,7 +97,7 @@ class XrayEncoder(nn.Module):
         Returns:
             ``(B, N, D)`` with ``N = V · token_grid²``.
         """
-        cfg = self.config
+        cfg = self.cfg
         if xrays.ndim != 4 or xrays.shape[1] != cfg.num_views or tuple(xrays.shape[2:]) != (cfg.image_size,) * 2:
             raise InputError("xrays", f"expected (B, {cfg.num_views}, {cfg.image_size}, {cfg.image_size}) "
                                       f"for views {cfg.views}, got {tuple(xrays.shape)}")

@@ -26,6 +26,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from patching.errors import InputError
+from patching.pretrained import Pretrained
 
 from ..common import branch_to_volume, check_xrays, expand_to_branch, init_weights, volume_to_branch
 from .config import X2CTGANModelConfig
@@ -175,16 +176,18 @@ class ViewBranch(nn.Module):
         return self.connection_a(code), links
 
 
-class X2CTGenerator(nn.Module):
+class X2CTGenerator(Pretrained):
     """X2CT-GAN's generator: ``forward(pa, lateral=None) → B×1×X×Y×Z`` (cubic, RAS+).
 
     Single-view configs (``views=("pa",)``) take only ``pa``; biplanar ones need both. X-rays
     are ``B×1×xray_size×xray_size`` in [0, 1]; bad input raises :class:`InputError`.
     """
 
+    config_class = X2CTGANModelConfig
+
     def __init__(self, cfg: X2CTGANModelConfig):
         super().__init__()
-        self.cfg = cfg
+        cfg = self.cfg = self.init_config(cfg)
         chans = cfg.decoder_channels
         self.top = len(chans) - 1
         self.branches = nn.ModuleDict({v: ViewBranch(cfg, with_final=not cfg.biplanar) for v in cfg.views})

@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from einops import repeat
 from torch import Tensor, nn
 
+from patching.pretrained import Pretrained
+
 from ..common import check_xrays, init_weights, volume_to_branch
 from ..x2ct_gan.model import (
     PatchDiscriminator3D,
@@ -35,16 +37,18 @@ from ..x2ct_gan.model import (
 from .config import XReconModelConfig
 
 
-class XReconGenerator(nn.Module):
+class XReconGenerator(Pretrained):
     """X-Recon's generator: ``forward(pa, lateral) → B×1×X×Y×Z`` (cubic, RAS+, [0, 1]).
 
     Both X-rays are required, ``B×1×xray_size×xray_size`` in [0, 1]; bad input raises
     :class:`~patching.errors.InputError`.
     """
 
+    config_class = XReconModelConfig
+
     def __init__(self, cfg: XReconModelConfig):
         super().__init__()
-        self.cfg = cfg
+        cfg = self.cfg = self.init_config(cfg)
         chans = cfg.decoder_channels
         self.top = len(chans) - 1
         self.branches = nn.ModuleDict({v: ViewBranch(cfg, with_final=False) for v in cfg.views})

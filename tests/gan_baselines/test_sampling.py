@@ -63,7 +63,7 @@ def test_writes_nifti_zarr_and_png_at_the_presets_grid(run, tmp_path):
     spec = data_spec("cpu-demo")
     files = sample_gan(run["root"] / "gan" / "checkpoints" / "step-2", run["pa"], run["lateral"], tmp_path / "o", spec)
     assert files == {"nifti": tmp_path / "o" / "volume.nii.gz", "zarr": tmp_path / "o" / "volume.zarr",
-                     "preview": tmp_path / "o" / "preview.png"}
+                     "preview": tmp_path / "o" / "preview.png", "metadata": tmp_path / "o" / "sample.json"}
     img = nib.load(files["nifti"])
     assert img.shape == spec.shape == (64, 64, 64) and img.get_data_dtype() == np.int16
     assert img.header.get_zooms() == pytest.approx(spec.spacing_mm) and np.allclose(img.affine, spec.affine())

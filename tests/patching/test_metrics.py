@@ -9,6 +9,7 @@ import pytest
 import torch
 from scipy import ndimage as ndi
 
+from patching import checks
 from patching import metrics as M
 from patching.drr import DRRGeometry, render_drr
 from patching.errors import InputError
@@ -124,7 +125,7 @@ def test_slab_by_slab_equals_whole_volume(monkeypatch):
     names = ("ssim3d", "ssim_x2ctgan", "psnr", "psnr_x2ctgan", "mae_hu")
     whole = [M.ssim3d(a, b, 1000.0), M.ssim_x2ctgan(a, b), M.psnr(a, b, 2000), M.psnr_x2ctgan(a, b, per_slice=True),
              M.mae_hu(a, b)]
-    monkeypatch.setattr(M, "_SLAB_VOXELS", 14 * 13 * 12)  # 2 planes plus SSIM's 5-plane halo per side
+    monkeypatch.setattr(checks, "SLAB_VOXELS", 14 * 13 * 12)  # 2 planes plus SSIM's 5-plane halo per side
     slabs = [M.ssim3d(a, b, 1000.0), M.ssim_x2ctgan(a, b), M.psnr(a, b, 2000), M.psnr_x2ctgan(a, b, per_slice=True),
              M.mae_hu(a, b)]
     for name, x, y in zip(names, whole, slabs, strict=True):

@@ -194,3 +194,113 @@ def test_bad_arguments(kwargs, source):
         synth_chest(kw.pop("shape"), **kw)
     assert err.value.source == source
     assert "\n" not in str(err.value)
+
+
+# ----------------------------------------------------------------------------------------
+# Anatomical invariants: what a radiologist expects of a chest CT, checked on the rendered
+# labels (and, for the ribs' course, on the sampled anatomy the renderer draws).
+
+def _body_mask(ph: Phantom) -> np.ndarray:
+    """Everything inside the skin (air in airways and stomach included)."""
+    return ndi.binary_fill_holes(ph.tissue != T["air"], structure=np.ones((3, 3, 1)))
+
+
+def test_bones_inside_body_contour(clean):
+    for seed, (ph, _) in clean.items():
+        body = _body_mask(ph)
+        bone = np.isin(ph.tissue, [T["cortical_bone"], T["cancellous_bone"]])
+        # Every bone voxel lies under the skin: inside the body eroded by one voxel (the spine
+    # and the raised arms leave the field of view: its faces do not count as skin).
+        assert bone.any() and np.all(ndi.binary_erosion(body, border_value=1)[bone]), seed
+
+
+def test_lungs_above_diaphragm_liver_below_right_dome(clean):
+    for seed, (ph, _) in clean.items():
+        x, _, z = (_world(ph, a) for a in range(3))
+        lung = ph.tissue == T["lung"]
+        liver = ph.tissue == T["liver"]
+        both = lung.any(axis=2) & liver.any(axis=2)
+        assert both.sum() > 50, seed  # the liver lies under the lung over a wide area
+        zz = np.broadcast_to(z, lung.shape)
+        lung_low = np.where(lung, zz, np.inf).min(axis=2)
+        liver_top = np.where(liver, zz, -np.inf).max(axis=2)
+        # In every (x, y) column, all lung lies above all liver: a diaphragm in between.
+        assert np.all(lung_low[both] > liver_top[both]), seed
+        # The liver's dome is under the right hemidiaphragm (patient's right = +x in RAS).
+        top = np.unravel_index(np.argmax(np.where(liver, zz, -np.inf)), liver.shape)
+        assert x[top[0]] > 0, seed
+        assert abs(z[top[2]] - ph.labels["anatomy"]["right_dome_z_mm"]) < 15.0, seed
+        assert x[np.nonzero(liver)[0]].mean() > 20, seed
+
+
+def test_heart_left_anterior_spine_posterior(clean):
+    for seed, (ph, _) in clean.items():
+        x, y, z = (_world(ph, a) for a in range(3))
+        t = ph.tissue
+        heart = np.nonzero(np.isin(t, [T["myocardium"], T["right_heart"], T["left_heart"]]))
+        canal = np.nonzero(t == T["spinal_canal"])
+        # Heart: centroid left of the midline (-x) and well in front of the spine.
+        assert x[heart[0]].mean() < -5, seed
+        assert y[heart[1]].mean() > y[canal[1]].mean() + 60, seed
+        # Spinal canal on the midline, in the posterior third of the body.
+        body = _body_mask(ph)
+        ys = y[np.nonzero(body)[1]]
+        assert abs(x[canal[0]].mean()) < 5, seed
+        assert y[canal[1]].mean() < ys.min() + (ys.max() - ys.min()) / 3, seed
+
+
+def test_cross_section_changes_along_z(clean):
+    """Bell-shaped rib cage (narrow apices, wide bases), shoulders at the top, and a body
+    outline whose width changes along z (it is not a prism)."""
+    for seed, (ph, _) in clean.items():
+        x, _, z = (_world(ph, a) for a in range(3))
+        lung = ph.tissue == T["lung"]
+        lz = z[np.nonzero(lung)[2]]
+        top, bottom = lz.max(), ph.labels["anatomy"]["right_dome_z_mm"]
+
+        def lung_width(level):
+            k = int(np.argmin(np.abs(z - level)))
+            xs = x[np.nonzero(lung[:, :, k])[0]]
+            return xs.max() - xs.min()
+
+        assert lung_width(top - 25) < 0.7 * lung_width(bottom + 30), seed
+        body = _body_mask(ph)
+        width = np.array([np.ptp(x[np.nonzero(body[:, :, k])[0]]) if body[:, :, k].any() else 0
+                          for k in range(len(z))])
+        chest = (z > bottom) & (z < top)
+        assert width[chest].max() > 1.15 * width[chest].min(), seed
+        # Shoulders and raised arms: the body is widest above the lung apices.
+        assert width[z > top].max() > width[chest].max(), seed
+
+
+def test_ribs_curve_around_thorax_and_slope_down():
+    from patching.phantom_anatomy import sample_chest
+
+    for seed in range(4):
+        ch = sample_chest(np.random.default_rng(seed))
+        assert len(ch.ribs) == 24
+        for bone, cartilage in ch.ribs:
+            pts = np.vstack([bone[:, :3], bone[-1:, 3:6]])
+            # Anterior end lower than the posterior end (the ribs slope downwards).
+            assert pts[-1, 2] < pts[0, 2] - 10.0, seed
+            if len(cartilage):  # ribs 1-7 reach the sternum through their cartilage
+                assert pts[-1, 1] > pts[0, 1] + 40.0, seed  # from the back to the front
+                # Curved: the heading turns by more than a quarter turn round the cage.
+                heading = np.arctan2(np.diff(pts[:, 1]), np.abs(np.diff(pts[:, 0])) + 1e-9)
+                assert np.ptp(heading) > np.pi / 2, seed
+            # Outside the lungs and inside the trunk.
+            x, y, z = pts[1:].T
+            assert np.all(ch.sd_trunk(x, y, z) > 2.0), seed
+            for side in (1, -1):
+                assert np.all(ch.sd_lung(x, y, z, side) < 0), seed
+
+
+def test_breasts_in_some_phantoms():
+    has = [synth_chest((8, 8, 8), seed=s).labels["anatomy"]["breasts"] for s in range(16)]
+    assert 2 <= sum(has) <= 14
+    s = has.index(True)
+    ph = synth_chest((64, 64, 64), seed=s, noise_hu=0.0, return_labels=True)
+    gland = np.nonzero(ph.tissue == T["glandular"])
+    assert len(gland[0]) > 0
+    y = _world(ph, 1)
+    assert y[gland[1]].mean() > 40  # on the anterior chest wall
