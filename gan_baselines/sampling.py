@@ -1,7 +1,7 @@
 """Reconstruct a CT from X-ray files with a trained X2CT-GAN or X-Recon generator.
 
     rec = GanReconstructor.from_path("runs/x2ct/checkpoints/latest")
-    hu = rec.reconstruct({"pa": pa, "lateral": lateral})   # (1, X, Y, Z) int16 HU, the preset's grid
+    hu = rec.reconstruct({"pa": pa, "lateral": lateral})   # (1, X, Y, Z) int16 HU, the training cases' grid
 
 Weights come from a training checkpoint (``D/checkpoints/step-N``, the ``latest`` pointer file,
 ``D/checkpoints`` or the run directory ``D``: its newest checkpoint) or from an ``xray2ct export``
@@ -13,9 +13,10 @@ reads them without importing ``launch`` (stage packages never do).
 
 Pipeline: X-rays read with :func:`patching.xray_io.read_xray` (PNG, JPEG, DICOM, ``.npy``) and
 resized to the model's X-ray size → generator → the model's [0, 1] back to the project's
-[-1, 1] → HU by the preset's window → trilinear (``align_corners=False``) from the model's cube
-to the preset's full shape → int16 HU, written as NIfTI (``volume.nii.gz``; the preset's RAS+
-affine, volume centred on the origin, so nibabel reads the preset's spacing), as a Zarr v3 array
+[-1, 1] → HU by the training window → trilinear (``align_corners=False``) from the model's cube
+to the full shape of the training cases (recorded in the checkpoint's extra state by the task;
+older checkpoints: the preset's) → int16 HU, written as NIfTI (``volume.nii.gz``; a centred RAS+
+affine of the training cases' spacing, which nibabel reads back), as a Zarr v3 array
 (``volume.zarr``, same chunks and codec as the store) and as a tri-planar PNG with the input
 X-rays (``preview.png``). Every file is written aside and renamed into place.
 """
@@ -62,6 +63,7 @@ class LoadedGenerator:
     generator: nn.Module
     weights: str  # "ema" or "raw"
     source: Path
+    volume: dict | None = None  # the training cases' grid (extra state): shape, spacing_mm, hu_window
 
 
 # --- finding and reading weights: patching.weights (shared by every sampler) -----------------
@@ -99,11 +101,13 @@ def load_generator(path: str | os.PathLike, device: str | torch.device = "cpu") 
     if kind == "export":
         doc = _read_json(where / "config.json")
         meta, run_cfg = doc, doc.get("config") or {}
+        extra_path = where / "extra.json" if doc.get("extra") else None
     else:
         meta = _read_json(where / "meta.json")
         if meta.get("format") != CHECKPOINT_FORMAT:
             raise InputError(where / "meta.json", f"not an xray2ct checkpoint (format {meta.get('format')!r})")
         run_cfg = _read_json(where / "config.json").get("config") or {}
+        extra_path = where / "extra.json"
     task = _TASK_REFS.get(str(meta.get("task_ref")), str(meta.get("task")))
     if task not in GAN_TASKS:
         raise InputError(where, f"is a checkpoint of task {meta.get('task')!r}, not of a GAN baseline "
@@ -117,7 +121,23 @@ def load_generator(path: str | os.PathLike, device: str | torch.device = "cpu") 
         first = str(err).splitlines()[0]
         raise InputError(where, f"generator weights do not match the saved {task} config ({first})") from None
     generator.to(device).eval()
-    return LoadedGenerator(task, str(meta.get("preset", "")), int(meta.get("step", 0)), cfg, generator, weights, where)
+    volume = None
+    if extra_path is not None and extra_path.is_file():
+        volume = (_read_json(extra_path).get("state") or {}).get("volume")
+    return LoadedGenerator(task, str(meta.get("preset", "")), int(meta.get("step", 0)), cfg, generator, weights, where,
+                           volume if isinstance(volume, dict) else None)
+
+
+def trained_geometry(loaded: LoadedGenerator) -> VolumeSpec:
+    """The grid the generator's training cases had (its extra state); checkpoints without one
+    (written before it was recorded) get their preset's grid."""
+    v = loaded.volume
+    if v:
+        try:
+            return VolumeSpec(tuple(v["shape"]), tuple(v["spacing_mm"]), tuple(v["hu_window"]))
+        except (KeyError, TypeError, ValueError, InputError) as err:
+            raise InputError(loaded.source, f"extra state 'volume' is not a grid ({err})") from None
+    return data_spec(loaded.preset or "cpu-demo")
 
 
 # --- reconstruction -------------------------------------------------------------------------------
@@ -145,14 +165,15 @@ def reconstruct_hu(loaded: LoadedGenerator, xrays: dict[str, np.ndarray], spec: 
 
 class GanReconstructor(Reconstructor):
     """X2CT-GAN / X-Recon behind the reconstructor interface: deterministic, every view of the
-    model required, volumes on the preset's grid (``geometry``; ``spec`` overrides it)."""
+    model required, volumes on the grid of the cases it was trained on (``geometry``, from the
+    checkpoint's extra state; ``spec`` overrides it)."""
 
     stochastic = False
 
     def __init__(self, loaded: LoadedGenerator, spec: VolumeSpec | None = None):
         self.loaded, self.task = loaded, loaded.task
         self.views = self.required_views = tuple(loaded.cfg.model.views)
-        self.geometry = spec if spec is not None else data_spec(loaded.preset or "cpu-demo")
+        self.geometry = spec if spec is not None else trained_geometry(loaded)
         n = int(loaded.cfg.model.volume_size)
         self.grid = (n, n, n)
         self.step, self.weights, self.source = loaded.step, loaded.weights, loaded.source
