@@ -74,7 +74,7 @@ class Plan:
 # --- one stage = one subprocess, measured ---------------------------------------------------------
 
 
-def run_stage(name: str, cli_args: list[str], log_dir: Path, *, env: dict | None = None) -> dict:
+def _run_stage(name: str, cli_args: list[str], log_dir: Path, *, env: dict | None = None) -> dict:
     """Run ``python -m launch.cli CLI_ARGS`` and measure wall time and peak RSS (module docstring).
     Raises RuntimeError (with the log's tail) when the stage fails."""
     import psutil
@@ -154,8 +154,9 @@ def check_nifti(path: Path, shape, spacing) -> dict:
             "affine": np.round(img.affine, 4).tolist(), "checks": checks, "ok": all(checks.values())}
 
 
-def run_pipeline(out: Path, plan: Plan) -> dict:
-    """Every stage of the module docstring; returns ``{"stages", "output", "sample_meta"}``."""
+def run_pipeline(out: Path, plan: Plan, on_stage=None) -> dict:
+    """Every stage of the module docstring; returns ``{"stages", "output", "sample_meta"}``.
+    ``on_stage(stages)`` is called after each stage (the script records partial results)."""
     from launch.presets import data_spec
 
     spec = data_spec(PRESET)
@@ -163,6 +164,13 @@ def run_pipeline(out: Path, plan: Plan) -> dict:
     store, logs = out / "store.zarr", out / "logs"
     env = dict(plan.extra_env)
     stages: dict[str, dict] = {}
+
+    def run_stage(name, cli_args, log_dir, *, env):  # the module's run_stage, then report progress
+        result = _run_stage(name, cli_args, log_dir, env=env)
+        stages[name] = result
+        if on_stage is not None:
+            on_stage(dict(stages))
+        return result
     synth = ["data", "synth", "--store", str(store), "--num", str(plan.cases), "--preset", PRESET,
              "--shape", *map(str, plan.shape), "--workers", "1"]
     stages["synth"] = run_stage("synth", synth + (["--xray-size", str(plan.xray_size)] if plan.xray_size else []),
@@ -291,7 +299,12 @@ def main(argv=None) -> int:
     print("  vqgan:     --set " + " ".join(plan.vqgan_sets) + f"  --max-steps {plan.vqgan_steps}", flush=True)
     print("  diffusion: --set " + " ".join(plan.diffusion_sets) + f"  --max-steps {plan.diffusion_steps}", flush=True)
     print(f"  sample:    --steps {plan.sample_steps}", flush=True)
-    result = run_pipeline(args.out, plan)
+    def partial(stages: dict) -> None:  # what finished so far, in case the run is stopped
+        args.json.write_text(json.dumps({"benchmark": "full-resolution-cpu", "preset": PRESET, "partial": True,
+                                         "stages": stages, "plan": {**asdict(plan)},
+                                         "environment": environment()}, indent=2) + "\n")
+
+    result = run_pipeline(args.out, plan, on_stage=partial)
     doc = summarise(result, plan, None)
     args.json.write_text(json.dumps(doc, indent=2) + "\n")  # the pipeline's figures are kept whatever comes next
     if not args.no_scaling:
