@@ -71,6 +71,16 @@ class Plan:
     extra_env: dict = field(default_factory=dict)
 
 
+def reduced_plan(extra_env: dict | None = None) -> Plan:
+    """The test suite's size (``--reduced``): 64×64×76 at the preset's spacing with 32³ tiles —
+    3×3×3 tiles per volume, a 16×16×19 latent (not a cube), 8³ fallback windows; one step each."""
+    small = ("codec.tile=32,32,32", "codec.tile_latent=8,8,8", "train.grad_accum=1", "train.num_workers=0")
+    return Plan(shape=(64, 64, 76), cases=3, vqgan_steps=1, diffusion_steps=1, sample_steps=1,
+                vqgan_sets=VQGAN_WIDTHS + small,
+                diffusion_sets=DIFFUSION_WIDTHS + ("sampler.fallback_window=8,8,8", "train.num_workers=0"),
+                scaling_z=(76, 44), xray_size=64, extra_env=dict(extra_env or {}))
+
+
 # --- one stage = one subprocess, measured ---------------------------------------------------------
 
 
@@ -283,10 +293,11 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, required=True, help="work directory (store, runs, samples, logs)")
     p.add_argument("--json", type=Path, default=REPO / "benchmarks" / "results" / "full-resolution-cpu.json")
     p.add_argument("--no-scaling", action="store_true", help="skip the encode/decode tiles scaling part")
+    p.add_argument("--reduced", action="store_true", help="the test suite's reduced size (reduced_plan)")
     p.add_argument("--scaling-only", action="store_true",
                    help="only the scaling part, on the store and VQ-GAN of an earlier run in --out; added to --json")
     args = p.parse_args(argv)
-    plan = Plan()
+    plan = reduced_plan() if args.reduced else Plan()
     args.json.parent.mkdir(parents=True, exist_ok=True)
     if args.scaling_only:
         doc = json.loads(args.json.read_text())

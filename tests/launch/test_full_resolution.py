@@ -7,18 +7,12 @@ from __future__ import annotations
 
 import json
 
-from benchmarks.full_resolution_cpu import DIFFUSION_WIDTHS, VQGAN_WIDTHS, Plan, run_pipeline, summarise, tile_scaling
+from benchmarks.full_resolution_cpu import VQGAN_WIDTHS, reduced_plan, run_pipeline, summarise, tile_scaling
 from tests.launch.toy_task import child_env
-
-SMALL = ("codec.tile=32,32,32", "codec.tile_latent=8,8,8", "train.grad_accum=1", "train.num_workers=0")
 
 
 def test_full_resolution_pipeline_at_reduced_size(tmp_path):
-    plan = Plan(shape=(64, 64, 76), cases=3, vqgan_steps=1, diffusion_steps=1, sample_steps=1,
-                vqgan_sets=VQGAN_WIDTHS + SMALL,
-                diffusion_sets=DIFFUSION_WIDTHS + ("sampler.fallback_window=8,8,8", "train.num_workers=0"),
-                scaling_z=(76, 44), xray_size=64,
-                extra_env={k: v for k, v in child_env().items() if k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")})
+    plan = reduced_plan({k: v for k, v in child_env().items() if k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")})
     result = run_pipeline(tmp_path, plan)
     stages = result["stages"]
     assert list(stages) == ["synth", "train-vqgan", "encode", "train-diffusion", "sample-whole", "sample-windowed"]
