@@ -5,7 +5,8 @@
 
 Both with emboli (the costlier path). Threads are limited to one (OMP/MKL/OpenBLAS and torch)
 and the process is pinned to one core, so the figure is the single-core cost. Wall time and
-process CPU time are both printed: on a shared machine the CPU time is the steadier figure.
+process CPU time are both printed and recorded (with the load average); the pass/fail verdict
+is on CPU time, which other processes sharing the core do not stretch.
 Warm calls are timed (imports and first-call set-up excluded, reported separately).
 
 Run: ``.venv/bin/python benchmarks/bench_phantom.py`` (about a minute).
@@ -84,12 +85,17 @@ def main() -> int:
         "full_wall_s": round(f_wall, 2), "full_cpu_s": round(f_cpu, 2),
         "full_target_s": TARGET_FULL_S, "full_ratio": round(f_wall / TARGET_FULL_S, 3),
         "peak_rss_mib": round(rss), "cold_first_call_s": round(cold, 2), "threads": 1,
-        "pinned": not args.no_pin,
+        "pinned": not args.no_pin, "verdict_on": "cpu_s",
+        "load_average_1min": round(os.getloadavg()[0], 2),
     }
     if not args.no_record:
         print("recorded:", record("phantom", figures))
-    ok = s_wall <= TARGET_SMALL_S and f_wall <= TARGET_FULL_S
-    print("PASS" if ok else "SLOWER THAN TARGET")
+    # The verdict is on process CPU time: on a shared machine the pinned core is shared with
+    # other processes, which stretches wall time but not the CPU this process used.
+    ok = s_cpu <= TARGET_SMALL_S and f_cpu <= TARGET_FULL_S
+    if ok and (s_wall > TARGET_SMALL_S or f_wall > TARGET_FULL_S):
+        print("wall time over target while CPU time is within it: the core was shared")
+    print("PASS (CPU time)" if ok else "SLOWER THAN TARGET (CPU time)")
     return 0 if ok else 1
 
 

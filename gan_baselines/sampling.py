@@ -32,11 +32,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from patching.checks import resolve_device
 from patching.errors import InputError
 from patching.reconstruct import Reconstructor, sample_files
 from patching.spec import VolumeSpec, data_spec
-from patching.weights import CHECKPOINT_FORMAT, describe, model_state, resolve_weights
-from patching.weights import read_json as _read_json
+from patching.weights import describe, model_state, read_run, resolve_weights
 from patching.xray_io import resize_xray
 
 from . import x2ct_gan, x_recon
@@ -98,29 +98,21 @@ def checkpoint_task(path: str | os.PathLike) -> str:
 def load_generator(path: str | os.PathLike, device: str | torch.device = "cpu") -> LoadedGenerator:
     """Load an X2CT-GAN or X-Recon generator (EMA weights when present) from a checkpoint or export."""
     kind, where = resolve_weights(path)
-    if kind == "export":
-        doc = _read_json(where / "config.json")
-        meta, run_cfg = doc, doc.get("config") or {}
-        extra_path = where / "extra.json" if doc.get("extra") else None
-    else:
-        meta = _read_json(where / "meta.json")
-        if meta.get("format") != CHECKPOINT_FORMAT:
-            raise InputError(where / "meta.json", f"not an xray2ct checkpoint (format {meta.get('format')!r})")
-        run_cfg = _read_json(where / "config.json").get("config") or {}
-        extra_path = where / "extra.json"
+    meta, run_cfg = read_run(kind, where)
+    extra_path = (where / "extra.json" if meta.get("extra") else None) if kind == "export" else where / "extra.json"
     task = _TASK_REFS.get(str(meta.get("task_ref")), str(meta.get("task")))
     if task not in GAN_TASKS:
         raise InputError(where, f"is a checkpoint of task {meta.get('task')!r}, not of a GAN baseline "
                                 f"({', '.join(GAN_TASKS)})")
     cfg = _build_config(task, run_cfg, where)
-    state, weights = model_state(kind, where, "generator", doc if kind == "export" else None)
+    state, weights = model_state(kind, where, "generator", meta if kind == "export" else None)
     generator = GAN_TASKS[task][2](cfg.model)
     try:
         generator.load_state_dict(state)
     except RuntimeError as err:
         first = str(err).splitlines()[0]
         raise InputError(where, f"generator weights do not match the saved {task} config ({first})") from None
-    generator.to(device).eval()
+    generator.to(resolve_device(device)).eval()
     volume = None
     if extra_path is not None and extra_path.is_file():
         volume = (_read_json(extra_path).get("state") or {}).get("volume")

@@ -29,7 +29,10 @@ host memory during a save (model + optimizer state once) — fine up to a few GB
 Publishing: files are written into ``checkpoints/.tmp-step-<N>-<token>/``, fsynced, the
 directory renamed to ``step-<N>`` and ``checkpoints/latest`` (a one-line text file naming the
 directory) replaced through a rename. A process killed at any point leaves the previous
-checkpoint and ``latest`` intact; the stale ``.tmp-*`` directory is removed by the next save.
+checkpoint and ``latest`` intact; ``<token>`` names the writer (:mod:`patching.staging`), so
+the next save removes stale ``.tmp-*`` directories and never a live writer's. A write the file
+system refuses on any rank removes the staging directory on every rank's agreement and raises
+one :class:`~patching.errors.StorageError` line (docs/reliability.md).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ import random
 import re
 import secrets
 import shutil
+import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -48,11 +52,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from patching.errors import InputError
+from patching.errors import InputError, StorageError
+from patching.staging import clean_stale, host_id, owner_tag
+from patching.weights import CHECKPOINT_FORMAT as FORMAT
+from patching.weights import CHECKPOINT_VERSION as VERSION
+from patching.weights import pointed_checkpoint, read_checkpoint_meta
 
-FORMAT = "xray2ct-checkpoint"
-VERSION = 1
 LATEST = "latest"
+# What load_checkpoint reads from meta.json (read_checkpoint_meta adds format, version, step).
+RESUME_KEYS: dict[str, Any] = {
+    "models": list, "optimizers": dict, "schedulers": list, "world_size": int, "data": dict,
+    "epoch": int, "position": int, "nonfinite_streak": int, "nonfinite_total": int,
+}
 _STEP_RE = re.compile(r"^step-(\d+)$")
 # Testing knob: seconds to sleep after each file a checkpoint writer closes, so a test can
 # kill the process in the middle of a write. Never set in production.
@@ -196,14 +207,21 @@ def read_latest(root: str | os.PathLike) -> Path | None:
     return complete[-1] if complete else None
 
 
+def holds_checkpoints(root: str | os.PathLike) -> bool:
+    """Whether a ``checkpoints/`` root has a ``latest`` pointer or any ``step-<N>`` directory."""
+    root = Path(root)
+    return (root / LATEST).is_file() or bool(list_checkpoints(root))
+
+
 def resolve_checkpoint(path: str | os.PathLike, source: str = "--resume") -> Path:
     """A checkpoint directory from a path naming it, a ``checkpoints/`` root or an output dir."""
     p = Path(path)
-    if is_checkpoint(p):
+    if (p / "meta.json").exists():
+        read_meta(p)
         return p
     for root in (p, checkpoint_root(p)):
-        if root.is_dir() and (found := read_latest(root)) is not None:
-            return found
+        if root.is_dir() and holds_checkpoints(root):
+            return pointed_checkpoint(root)
     if not p.exists():
         raise InputError(source, f"{p}: no such file or directory")
     raise InputError(source, f"{p}: not a checkpoint (no meta.json) and holds no checkpoints")
@@ -213,27 +231,44 @@ def resolve_resume(output_dir: str | os.PathLike, resume: str | None) -> Path | 
     """What ``--resume`` means for a run writing into ``output_dir``.
 
     ``None``: a fresh run, refused when ``output_dir`` already holds checkpoints (a new run
-    would rotate them away). ``latest``: the newest checkpoint of ``output_dir``, or a fresh
-    start when there is none (so a preemptible job can always pass ``--resume latest``).
+    would rotate them away). ``latest``: the checkpoint ``latest`` names (else the newest
+    ``step-<N>``), or a fresh start when the run has none at all (so a preemptible job can
+    always pass ``--resume latest``); a named checkpoint that cannot be used is an error.
     Anything else: a checkpoint path (see :func:`resolve_checkpoint`).
     """
     root = checkpoint_root(output_dir)
+    if Path(output_dir).exists() and not Path(output_dir).is_dir():
+        raise InputError("--output-dir", f"{output_dir} exists and is not a directory")
     if resume is None:
-        existing = read_latest(root)
-        if existing is not None:
+        if holds_checkpoints(root):
+            existing = read_latest(root)
+            what = f"latest {existing.name}" if existing is not None else "none of them complete"
             raise InputError(
                 "--output-dir",
-                f"{output_dir} already holds checkpoints (latest {existing.name}); "
+                f"{output_dir} already holds checkpoints ({what}); "
                 "pass --resume latest to continue or choose another --output-dir",
             )
         return None
     if resume == "latest":
-        return read_latest(root)
+        return pointed_checkpoint(root) if root.is_dir() else None
     return resolve_checkpoint(resume)
 
 
 def staging_dir(root: Path, step: int, token: str) -> Path:
     return root / f".tmp-step-{step}-{token}"
+
+
+def staging_token(nonce: int, pid: int, host: int) -> str:
+    """The suffix of a staging directory: unique, and naming its writer (rank 0's pid and host,
+    :func:`patching.staging.owner_tag`) so a later writer can tell its own or a dead process's
+    leftovers from a live writer's."""
+    return f"{nonce:012x}{owner_tag(pid, host)}"
+
+
+def clean_stale_staging(root: Path, current: Path | None = None) -> list[Path]:
+    """Remove the ``.tmp-step-*`` / ``.trash-*`` directories under ``root`` that no live writer
+    owns (:func:`patching.staging.is_stale`: this process's failed attempts, dead writers')."""
+    return clean_stale(root, lambda n: n.startswith((".tmp-step-", ".trash-")), keep=current)
 
 
 def _fsync(path: Path) -> None:
@@ -266,16 +301,21 @@ def publish(root: Path, staging: Path, step: int, keep_last: int) -> Path:
     os.rename(staging, final)
     _fsync(root)
     tmp = root / f".{LATEST}.{staging.name.rsplit('-', 1)[-1]}"
-    tmp.write_text(final.name + "\n")
-    _fsync(tmp)
-    os.replace(tmp, root / LATEST)
+    try:
+        tmp.write_text(final.name + "\n")
+        _fsync(tmp)
+        os.replace(tmp, root / LATEST)
+    except OSError:
+        tmp.unlink(missing_ok=True)  # `latest` still names the previous checkpoint
+        raise
     _fsync(root)
     prune(root, keep_last, protect=(final,))
     return final
 
 
 def prune(root: Path, keep_last: int, protect: Iterable[Path] = ()) -> list[Path]:
-    """Delete all but the newest ``keep_last`` checkpoints and any stale ``.tmp-*`` directory."""
+    """Delete all but the newest ``keep_last`` checkpoints and the stale ``.tmp-*`` directories
+    (:func:`clean_stale_staging`: never a live writer's)."""
     protect = {p.resolve() for p in protect}
     removed = []
     published = list_checkpoints(root)
@@ -283,20 +323,15 @@ def prune(root: Path, keep_last: int, protect: Iterable[Path] = ()) -> list[Path
         if p.resolve() not in protect:
             shutil.rmtree(p, ignore_errors=True)
             removed.append(p)
-    for p in root.iterdir():
-        if p.is_dir() and (p.name.startswith(".tmp-step-") or p.name.startswith(".trash-")):
-            shutil.rmtree(p, ignore_errors=True)
-            removed.append(p)
+    removed.extend(clean_stale_staging(root))
     return removed
 
 
-def read_meta(ckpt: Path) -> dict:
-    meta = load_json(ckpt / "meta.json")
-    if meta.get("format") != FORMAT:
-        raise InputError(ckpt / "meta.json", f"not an xray2ct checkpoint (format {meta.get('format')!r})")
-    if int(meta.get("version", 0)) > VERSION:
-        raise InputError(ckpt / "meta.json", f"checkpoint format version {meta['version']} is newer than this code ({VERSION})")
-    return meta
+def read_meta(ckpt: Path, keys: dict[str, Any] | None = None) -> dict:
+    """``meta.json`` of ``ckpt``, validated (:func:`patching.weights.read_checkpoint_meta`:
+    an object, format marker, version, step agreeing with the directory, safe model names, and
+    ``keys``); bad metadata is a one-line :class:`InputError`."""
+    return read_checkpoint_meta(ckpt, keys)
 
 
 # --- the training state: one registry of what a checkpoint holds --------------------------------
@@ -337,50 +372,87 @@ def save_checkpoint(root: Path, step: int, s: Saveables, *, rank: int, is_main: 
     published path on rank 0, ``None`` elsewhere.
     """
     # secrets, not random: the `random` module's state is part of the checkpoint.
-    token = control.broadcast(secrets.randbits(48) if is_main else 0)
-    staging = staging_dir(root, step, f"{token:012x}")
-    if is_main:
-        for sub in ("models", "ema", "optim", "sched"):
-            (staging / sub).mkdir(parents=True, exist_ok=True)
-    control.barrier()
-    for name, module in s.models.items():
-        trained = name in s.model_of_optimizer.values()
-        sd = s.full_model_state(name) if (s.full_model_state and trained) else gather_model_state(module)
-        md = {"model": name, "step": str(step)}
+    nonce = control.broadcast(secrets.randbits(48) if is_main else 0)
+    pid, host = control.broadcast(os.getpid() if is_main else 0), control.broadcast(host_id() if is_main else 0)
+    staging = staging_dir(root, step, staging_token(nonce, pid, host))
+    attempt = _Attempt()
+    try:
         if is_main:
-            save_tensors(staging / "models" / f"{name}.safetensors", sd, metadata=md)
-        if name in s.ema:
-            ema_sd = s.ema[name].full_state()  # a collective for sharded parameters
+            attempt(clean_stale_staging, root)  # this process's failed attempts, dead writers' leftovers
+            for sub in ("models", "ema", "optim", "sched"):
+                attempt(lambda sub=sub: (staging / sub).mkdir(parents=True, exist_ok=True))
+        control.barrier()
+        for name, module in s.models.items():
+            trained = name in s.model_of_optimizer.values()
+            sd = s.full_model_state(name) if (s.full_model_state and trained) else gather_model_state(module)
+            md = {"model": name, "step": str(step)}
             if is_main:
-                save_tensors(staging / "ema" / f"{name}.safetensors", {**sd, **ema_sd}, metadata=md)
-    for opt_name, opt in s.optimizers.items():
-        if s.deepspeed_engines is not None:
-            save_deepspeed_optimizer(staging / "optim" / f"{opt_name}.rank-{rank}", s.deepspeed_engines[opt_name])
-            continue
-        osd = gather_optimizer_state(s.models[s.model_of_optimizer[opt_name]], opt)
+                attempt(save_tensors, staging / "models" / f"{name}.safetensors", sd, metadata=md)
+            if name in s.ema:
+                ema_sd = s.ema[name].full_state()  # a collective for sharded parameters
+                if is_main:
+                    attempt(save_tensors, staging / "ema" / f"{name}.safetensors", {**sd, **ema_sd}, metadata=md)
+        for opt_name, opt in s.optimizers.items():
+            if s.deepspeed_engines is not None:
+                attempt(save_deepspeed_optimizer, staging / "optim" / f"{opt_name}.rank-{rank}", s.deepspeed_engines[opt_name])
+                continue
+            osd = gather_optimizer_state(s.models[s.model_of_optimizer[opt_name]], opt)
+            if is_main:
+                attempt(save_state, staging / "optim" / opt_name, osd)
         if is_main:
-            save_state(staging / "optim" / opt_name, osd)
-    if is_main:
-        for name, sched in s.schedulers.items():
-            save_state(staging / "sched" / name, sched.state_dict())
-        if s.scaler is not None:
-            save_state(staging / "scaler", s.scaler.state_dict())
-        if hasattr(s.task, "extra_state"):
-            save_state(staging / "extra", s.task.extra_state())
-        (staging / "config.json").write_text(config_doc)
-    save_state(staging / f"rank-{rank}", {"rank": rank, "rng": capture_rng(s.generators), "data": data_state})
-    control.barrier()
-    final = None
-    if is_main:
-        save_json(staging / "meta.json", {
-            "format": FORMAT, "version": VERSION, **meta, "step": step,
-            "models": sorted(s.models), "optimizers": dict(s.model_of_optimizer), "schedulers": sorted(s.schedulers),
-            "ema": sorted(s.ema), "scaler": s.scaler is not None, "extra": hasattr(s.task, "extra_state"),
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        })
-        final = publish(root, staging, step, keep_last)
-    control.barrier()
-    return final
+            for name, sched in s.schedulers.items():
+                attempt(save_state, staging / "sched" / name, sched.state_dict())
+            if s.scaler is not None:
+                attempt(save_state, staging / "scaler", s.scaler.state_dict())
+            if hasattr(s.task, "extra_state"):
+                attempt(save_state, staging / "extra", s.task.extra_state())
+            attempt((staging / "config.json").write_text, config_doc)
+        attempt(save_state, staging / f"rank-{rank}", {"rank": rank, "rng": capture_rng(s.generators), "data": data_state})
+        # Every rank learns whether any rank's write failed (before meta.json makes the
+        # checkpoint complete, and again after the publish), so all raise together and no rank
+        # is left waiting in a collective.
+        failed = control.max(1 if attempt.error is not None else 0)
+        final = None
+        if is_main and not failed:
+            attempt(save_json, staging / "meta.json", {
+                "format": FORMAT, "version": VERSION, **meta, "step": step,
+                "models": sorted(s.models), "optimizers": dict(s.model_of_optimizer), "schedulers": sorted(s.schedulers),
+                "ema": sorted(s.ema), "scaler": s.scaler is not None, "extra": hasattr(s.task, "extra_state"),
+                "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            })
+            if attempt.error is None:
+                attempt(lambda: publish(root, staging, step, keep_last))
+                final = root / f"step-{step}" if attempt.error is None else None
+        if failed or control.max(1 if attempt.error is not None else 0):
+            if is_main and staging.exists():
+                shutil.rmtree(staging, ignore_errors=True)
+            control.barrier()
+            kept = read_latest(root)  # a shared file system: every rank reads the same
+            after = f"{LATEST} is still {kept.name}" if kept is not None else "no earlier checkpoint"
+            err = attempt.error or OSError(0, "a write failed on another rank")
+            raise StorageError.from_os(staging.parent / f"step-{step}", "could not write the checkpoint", err, after)
+        control.barrier()
+        return final
+    except BaseException:
+        # Not a write error (an interrupt, a bug): remove what this attempt wrote, then re-raise.
+        if is_main and staging.exists() and not isinstance(sys.exc_info()[1], StorageError):
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+class _Attempt:
+    """Runs the writes of one checkpoint, keeping the first ``OSError`` (disk full, read-only)
+    and skipping the writes after it, so every rank still reaches every collective."""
+
+    def __init__(self) -> None:
+        self.error: OSError | None = None
+
+    def __call__(self, fn: Callable, *args, **kwargs) -> None:
+        if self.error is None:
+            try:
+                fn(*args, **kwargs)
+            except OSError as err:
+                self.error = err
 
 
 def load_checkpoint(ckpt: Path, s: Saveables, *, rank: int, world_size: int) -> tuple[dict, dict | None]:
@@ -389,7 +461,7 @@ def load_checkpoint(ckpt: Path, s: Saveables, *, rank: int, world_size: int) -> 
     Returns ``(meta, mine)``: ``mine`` is this rank's ``{"rng", "data"}`` (its RNG states are
     already restored) or ``None`` when the checkpoint was written by fewer processes.
     """
-    meta = read_meta(ckpt)
+    meta = read_meta(ckpt, RESUME_KEYS)
     if meta["models"] != sorted(s.models) or set(meta["optimizers"]) != set(s.optimizers):
         raise InputError(ckpt / "meta.json", f"holds models {meta['models']} and optimizers {sorted(meta['optimizers'])}; "
                                              f"this task has {sorted(s.models)} and {sorted(s.optimizers)}")

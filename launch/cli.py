@@ -15,7 +15,7 @@ from patching.errors import InputError
 
 def _add_data(sub: argparse._SubParsersAction) -> None:
     data = sub.add_parser("data", help="make, ingest, render and inspect datasets")
-    dsub = data.add_subparsers(dest="data_cmd", required=True, metavar="{synth,ingest,drr,inspect,preview}")
+    dsub = data.add_subparsers(dest="data_cmd", required=True, metavar="{synth,ingest,drr,inspect,preview,lowdose}")
 
     p = dsub.add_parser("synth", help="synthesise chest CTPA phantoms with their X-rays into a store")
     p.add_argument("--store", required=True)
@@ -63,11 +63,18 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--case", required=True)
     p.add_argument("--out", required=True)
 
+    p = dsub.add_parser("lowdose", help="simulate a low-dose scan of a CT (projection, Poisson + electronic noise, FBP)")
+    p.add_argument("--input", required=True, help="CT volume (.nii / .nii.gz, HU)")
+    p.add_argument("--out", required=True, help="output .nii.gz (the input's geometry)")
+    p.add_argument("--dose", type=float, required=True, help="dose fraction in (0, 1]; 1 = the simulator's full dose, "
+                                                             "0.25 = quarter dose (AAPM challenge)")
+    p.add_argument("--seed", type=int, default=0)
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="xray2ct", description="Chest X-ray → 3D CT / CTPA")
     sub = parser.add_subparsers(dest="cmd", required=True,
-                                metavar="{data,train,export,encode,sample,evaluate,demo}")
+                                metavar="{data,train,export,encode,sample,evaluate,demo,denoise}")
     _add_data(sub)
     # train/export/evaluate parse their own flags (the same parsers serve `accelerate launch -m launch.train`
     # and `-m launch.evaluate`).
@@ -91,6 +98,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None)
     p.add_argument("--windowed", action="store_true",
                    help="denoise in the config's sampler.fallback_window windows (diffusion; when the whole latent does not fit)")
+    p = sub.add_parser("denoise", help="denoise a (low-dose) CT with a trained CNCL model")
+    p.add_argument("--checkpoint", required=True, help="cncl checkpoint, run or export directory")
+    p.add_argument("--input", required=True, help="CT volume (.nii / .nii.gz, HU)")
+    p.add_argument("--out", required=True, help="output .nii.gz (the input's geometry)")
+    p.add_argument("--dose", type=float, default=None,
+                   help="first simulate this dose fraction of the input (for a full-dose CT), then denoise")
+    p.add_argument("--seed", type=int, default=0, help="seed of the --dose simulation")
+    p.add_argument("--device", default=None)
     p = sub.add_parser("demo", help="the whole pipeline on phantoms, on a CPU")
     p.add_argument("--out", default="demo_out")
     p.add_argument("--num", type=int, default=48, help="phantoms to synthesise (default 48: 40 train, 4 val, 4 test)")
@@ -123,6 +138,18 @@ def _sample(args) -> int:
     return 0
 
 
+def _denoise(args) -> int:
+    from gan_baselines.cncl.denoise import denoise_file
+    from gan_baselines.sampling import checkpoint_preset
+    from patching.spec import data_spec
+
+    window = data_spec(checkpoint_preset(args.checkpoint)).hu_window
+    out = denoise_file(args.checkpoint, args.input, args.out, window, dose=args.dose, seed=args.seed,
+                       device=args.device or "cpu")
+    print(f"denoised -> {out}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # train/export/evaluate forward everything after their name to their own parsers.
@@ -144,6 +171,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "device", None) is not None:
+            from patching.checks import resolve_device
+
+            resolve_device(args.device)
         if args.cmd == "data":
             from launch import cli_data
 
@@ -152,6 +183,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _encode(args)
         if args.cmd == "sample":
             return _sample(args)
+        if args.cmd == "denoise":
+            return _denoise(args)
         if args.cmd == "demo":
             from launch.demo import run_demo
 

@@ -1,4 +1,4 @@
-"""``xray2ct data ...`` handlers: synth, ingest, drr, inspect, preview."""
+"""``xray2ct data ...`` handlers: synth, ingest, drr, inspect, preview, lowdose."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from patching.errors import InputError
+from patching.checks import safe_name
+from patching.errors import InputError, StorageError
 from patching.store import Store
 
 
@@ -91,13 +92,20 @@ def write_image(out: str, img: np.ndarray) -> None:
     path = Path(out)
     if path.suffix.lower() not in (".png", ".npy"):
         raise InputError(out, "output must end in .png or .npy")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_dir():
+        raise InputError(out, "is a directory; give an image file name")
     tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    if path.suffix.lower() == ".npy":
-        np.save(tmp, np.asarray(img, dtype=np.float32))
-    else:
-        Image.fromarray((np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)).save(tmp)
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.suffix.lower() == ".npy":
+            np.save(tmp, np.asarray(img, dtype=np.float32))
+        else:
+            Image.fromarray((np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)).save(tmp)
+        os.replace(tmp, path)
+    except OSError as err:  # a parent that is a file, a read-only or full disk
+        if tmp.parent.is_dir():
+            tmp.unlink(missing_ok=True)
+        raise StorageError.from_os(out, "cannot write the image", err) from None
 
 
 def inspect_table(store: Store) -> str:
@@ -108,20 +116,28 @@ def inspect_table(store: Store) -> str:
         rows.append((cid, str(c.attrs.get("source") or "-"), "x".join(map(str, c.shape)), "x".join(f"{s:g}" for s in c.spacing_mm),
                      f"{c.attrs['hu_min']}..{c.attrs['hu_max']}", ",".join(c.views()) or "-", c.split,
                      labels, "complete" + (" +latent" if c.has_latent else "")))
-    for p in store.incomplete():
+    staging = store.staging()
+    half = [p for p in store.incomplete() if p.parent == store.cases_dir]  # unfinished groups in cases/
+    for p in half:
         rows.append((p.name, "?", "?", "?", "?", "?", "?", "?", "incomplete"))
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(str(v).ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     counts = {s: len(store.case_ids(s)) for s in ("train", "val", "test")}
     lines.append(f"{len(rows) - 1} case(s): " + ", ".join(f"{k} {v}" for k, v in counts.items())
-                 + f", incomplete {len(store.incomplete())}")
+                 + f", incomplete {len(half)}")
+    if staging:  # work in progress of writers, not cases
+        stale = sum(1 for _, is_stale in staging if is_stale)
+        lines.append(f"staging: {len(staging)} entr{'y' if len(staging) == 1 else 'ies'} in .staging/ "
+                     f"({len(staging) - stale} of running writers, {stale} left by killed ones: "
+                     "removed by the next `data synth`, `data ingest`, `data drr` or `encode` on this store)")
     return "\n".join(lines)
 
 
 def _preview(args) -> int:
     from patching.preview import save_triplanar_png
 
+    safe_name(args.case, "--case", "case id")  # checked like an id read from a file
     store = Store(args.store)
     c = store.case(args.case)
     out = save_triplanar_png(args.out, np.asarray(c.ct[...]), c.spacing_mm,
@@ -130,8 +146,24 @@ def _preview(args) -> int:
     return 0
 
 
+def _lowdose(args) -> int:
+    from patching.ingest import load_nifti
+    from patching.lowdose import check_dose, simulate_volume
+    from patching.volume_io import check_nifti_out, write_nifti_like
+
+    out = check_nifti_out(args.out)
+    dose = check_dose(args.dose)
+    hu, spacing, _ = load_nifti(args.input)
+    low = simulate_volume(hu, spacing, dose, seed=args.seed, progress=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_nifti_like(out, low, Path(args.input))
+    print(f"dose {dose:g} (seed {args.seed}): noise std {float(np.std(low - hu)):.1f} HU over the volume -> {out}")
+    return 0
+
+
 def run(args) -> int:
     if args.data_cmd == "inspect":
         print(inspect_table(Store(args.store)))
         return 0
-    return {"synth": _synth, "ingest": _ingest, "drr": _drr, "preview": _preview}[args.data_cmd](args)
+    return {"synth": _synth, "ingest": _ingest, "drr": _drr, "preview": _preview,
+            "lowdose": _lowdose}[args.data_cmd](args)

@@ -430,7 +430,10 @@ class Trainer:
                     self._save_checked()
                 if stop:
                     if self.is_main:
-                        print(f"[xray2ct] stopped by {self.stop.name} after step {step}", file=sys.stderr, flush=True)
+                        last = ck.read_latest(ck.checkpoint_root(self.output_dir))
+                        kept = (f"checkpoint {last.name} is complete; continue with --resume latest" if last is not None
+                                else "no checkpoint was written")
+                        print(f"[xray2ct] stopped by {self.stop.name} after step {step}; {kept}", file=sys.stderr, flush=True)
                     return 0
             if self._last_saved != self.state.step:
                 self._save_checked()

@@ -40,6 +40,7 @@ import torch
 from tqdm.auto import tqdm
 
 from patching import metrics as M
+from patching.checks import resolve_device
 from patching.errors import InputError
 from patching.store import Case, Store
 
@@ -262,12 +263,7 @@ def evaluate(store: str | Path, methods: Mapping[str, str | Path], out: str | Pa
     if not methods and not mean_baseline:
         raise InputError("--method", "nothing to evaluate: give --method NAME=PATH (or drop --no-mean-baseline)")
     if device is not None:
-        try:
-            torch.device(device)
-        except (RuntimeError, TypeError) as err:
-            raise InputError("--device", f"{device!r} is not a device ({err})") from None
-        if str(device).startswith("cuda") and not torch.cuda.is_available():
-            raise InputError("--device", f"{device!r}: CUDA is not available here")
+        resolve_device(device)
     window = data_spec(preset).hu_window
     lpips_net = M.load_feature_net(lpips_weights) if lpips_weights is not None else None
     command = command or _command(store, methods, out, split=split, num_samples=num_samples, steps=steps,

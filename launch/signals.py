@@ -15,11 +15,16 @@ from __future__ import annotations
 import contextlib
 import signal
 import threading
+import time
 
 import torch
 import torch.distributed as dist
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# A Ctrl-C in a terminal reaches every process of the group, and torchrun's agent (and
+# `accelerate launch`, which runs it) forwards the same SIGINT to its workers a few
+# milliseconds later: a repeat within this many seconds is that copy, not a second Ctrl-C.
+REPEAT_S = 1.0
 
 
 class ControlGroup:
@@ -62,6 +67,7 @@ class StopRequest:
 
     def __init__(self) -> None:
         self.signum: int | None = None
+        self._since = 0.0
         self.reason: str | None = None
         self._previous: dict[int, object] = {}
 
@@ -77,9 +83,11 @@ class StopRequest:
         self._previous.clear()
 
     def _handle(self, signum: int, frame) -> None:
-        if self.signum is not None and signum == signal.SIGINT:
+        now = time.monotonic()
+        if self.signum == signal.SIGINT and signum == signal.SIGINT and now - self._since >= REPEAT_S:
             raise KeyboardInterrupt  # a second Ctrl-C: stop now, without a checkpoint
-        self.signum = signum
+        if self.signum is None:
+            self.signum, self._since = signum, now
 
     def budget_spent(self, minutes: float) -> None:
         """Stop like on SIGTERM because ``train.max_minutes`` ran out."""

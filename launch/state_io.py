@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
+from patching.checks import read_json_doc
 from patching.errors import InputError
 
 WRITE_DELAY_ENV = "XRAY2CT_CKPT_WRITE_DELAY_S"
@@ -156,15 +157,10 @@ def save_json(path: str | os.PathLike, data: Any) -> Path:
     return path
 
 
-def load_json(path: str | os.PathLike) -> Any:
-    path = Path(path)
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise InputError(path, "missing checkpoint file") from None
-    except json.JSONDecodeError as err:
-        raise InputError(path, f"not valid JSON ({err})") from None
+def load_json(path: str | os.PathLike, keys: dict[str, Any] | None = None) -> dict:
+    """A JSON object, validated (:func:`patching.checks.read_json_doc`): one line naming the file
+    when it is missing, not JSON, not an object or lacks one of ``keys``."""
+    return read_json_doc(path, keys, what="checkpoint JSON file")
 
 
 def save_state(stem: str | os.PathLike, obj: Any) -> list[Path]:
@@ -180,8 +176,10 @@ def save_state(stem: str | os.PathLike, obj: Any) -> list[Path]:
 
 def load_state(stem: str | os.PathLike) -> Any:
     stem = Path(stem)
-    doc = load_json(stem.with_name(stem.name + ".json"))
-    tensors = load_tensors(stem.with_name(stem.name + ".safetensors")) if doc.get("has_tensors") else {}
-    return unflatten_state(doc["state"], tensors)
-
-
+    path = stem.with_name(stem.name + ".json")
+    doc = load_json(path, {"has_tensors": bool, "state": None})
+    tensors = load_tensors(stem.with_name(stem.name + ".safetensors")) if doc["has_tensors"] else {}
+    try:
+        return unflatten_state(doc["state"], tensors)
+    except (KeyError, TypeError, ValueError) as err:  # a crafted skeleton: a missing tensor, a bad marker
+        raise InputError(path, f"malformed state ({type(err).__name__}: {err})") from None

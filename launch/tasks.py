@@ -8,6 +8,7 @@ of the task protocol (see :mod:`launch.engine`). ``TASK`` is a registered name o
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 import sys
 from typing import Any
@@ -19,6 +20,7 @@ TASKS: dict[str, str] = {
     "diffusion": "stage2_diffusion.task:DiffusionTask",
     "x2ct-gan": "gan_baselines.x2ct_gan.task:X2CTGANTask",
     "x-recon": "gan_baselines.x_recon.task:XReconTask",
+    "cncl": "gan_baselines.cncl.task:CNCLTask",
 }
 
 # Reconstructors: a checkpoint's task → the ``module:Class`` of its
@@ -67,14 +69,32 @@ def load_task(name: str) -> tuple[str, Any]:
             obj = getattr(obj, part)
         except AttributeError:
             raise InputError("TASK", f"{label}: module {module_name!r} has no attribute {attr!r}") from None
-    if isinstance(obj, type) or (callable(obj) and not _is_task(obj)):
-        task = obj()  # a class or a factory
+    if isinstance(obj, type):
+        missing = [m for m in REQUIRED if not callable(getattr(obj, m, None))]
+        if missing:  # checked on the class, before anything is instantiated
+            raise InputError("TASK", f"{label} does not implement the task protocol: missing {', '.join(missing)}")
+        task = obj()
+    elif callable(obj) and not _is_task(obj):
+        # A factory: a Python function taking no arguments. Anything else callable (os:system,
+        # a builtin, a function that needs arguments) is refused, never called.
+        if not inspect.isfunction(obj) or not _takes_no_arguments(obj):
+            raise InputError("TASK", f"{label} is not a task class, a task factory (a function of no arguments) "
+                                     "or a task object")
+        task = obj()
     else:
         task = obj
     missing = [m for m in REQUIRED if not callable(getattr(task, m, None))]
     if missing:
         raise InputError("TASK", f"{label} does not implement the task protocol: missing {', '.join(missing)}")
     return ref, task
+
+
+def _takes_no_arguments(fn: Any) -> bool:
+    try:
+        inspect.signature(fn).bind()
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def _is_task(obj: Any) -> bool:
@@ -91,7 +111,9 @@ def load_reconstructor(path: str | os.PathLike, **options: Any):
     ref = meta.get("task_ref")
     task = next((name for name, r in TASKS.items() if r == ref), None) or str(meta.get("task"))
     if task not in RECONSTRUCTORS:
+        hint = "; it denoises CTs: xray2ct denoise --checkpoint PATH --input CT.nii.gz --out OUT.nii.gz" \
+            if task == "cncl" else ""
         raise InputError(path, f"is a {task!r} checkpoint, which does not reconstruct CTs from X-rays "
-                               f"(give one of: {', '.join(RECONSTRUCTORS)})")
+                               f"(give one of: {', '.join(RECONSTRUCTORS)}){hint}")
     module_name, _, attr = RECONSTRUCTORS[task].partition(":")
     return getattr(importlib.import_module(module_name), attr).from_path(path, **options)

@@ -6,7 +6,9 @@
 Builds the run config (preset's ``train`` section ← the task's ``train_defaults`` ← ``--set``),
 then hands the task to :class:`launch.engine.Trainer`. Exit status: 0 done (or stopped by
 SIGTERM/SIGINT after a checkpoint), 1 stopped by the non-finite guard or any other failure,
-2 bad input (one ``error:`` line on stderr).
+2 bad input or a checkpoint write the file system refused (one ``error:`` line on stderr).
+Under ``torchrun`` the agent itself exits 1 after a SIGTERM even when every worker saved and
+exited 0, ``accelerate launch`` 143: see docs/reliability.md, "Preemption".
 """
 
 from __future__ import annotations

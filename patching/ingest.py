@@ -1,8 +1,9 @@
 """Ingest CT from NIfTI files and DICOM series into a :class:`~patching.store.Store`.
 
-Pipeline per case: read → canonical RAS+ (``nibabel.as_closest_canonical``) → resample to the
-preset spacing and centre crop/pad to the preset shape (one interpolation pass,
-:func:`resample_to_spec`) → int16 HU in the store, with the RAS+ affine of the final grid.
+Pipeline per case: read → canonical RAS+ (``nibabel.as_closest_canonical``) → field-of-view
+padding below −1024 HU set to air → resample to the preset spacing and centre crop/pad to the
+preset shape (one interpolation pass, :func:`resample_to_spec`) → patient table removed by a body
+mask (:mod:`patching.ct_clean`) → int16 HU in the store, with the RAS+ affine of the final grid.
 
 Sources are NIfTI files (``.nii``, ``.nii.gz``), DICOM files, and folders walked recursively for
 both. DICOM files are recognised by the Part 10 preamble (``DICM`` at byte 128), whatever their
@@ -38,6 +39,7 @@ import numpy as np
 from scipy import ndimage
 from tqdm.auto import tqdm
 
+from .ct_clean import clip_padding, remove_table
 from .dicom_series import SliceHeader, is_dicom_file, load_dicom_series, read_header, series_folder
 from .errors import InputError
 from .spec import AIR_HU, VolumeSpec
@@ -80,12 +82,38 @@ _NIFTI_ERRORS = (OSError, EOFError, ValueError, TypeError, zlib.error, gzip.BadG
                  nib.filebasedimages.ImageFileError, nib.spatialimages.HeaderDataError)
 
 
+# A CT of 16384 voxels a side or 2^31 voxels (8 GiB as float32) is no CT but a corrupt header:
+# refuse it before allocating (a 30000³ header would otherwise end as "out of memory").
+MAX_SIDE = 16384
+MAX_VOXELS = 2**31
+
+
+def _check_pixdim(path: Path, img) -> None:
+    """Voxel sizes as the file stores them (nibabel silently sets a zero to 1 and a negative to
+    its absolute value when it loads a header): zero or non-finite is an error; a negative size
+    is taken as its absolute value, as nibabel and the NIfTI-1 standard's readers do (the sign of
+    an axis lives in the qform/sform, not in pixdim)."""
+    from nibabel.openers import ImageOpener
+
+    try:
+        holder = img.file_map.get("header") or img.file_map["image"]  # .hdr of a pair, else the .nii
+        with ImageOpener(holder.filename) as f:
+            raw = type(img.header).from_fileobj(f, check=False)
+        pixdim = np.asarray(raw["pixdim"][1:4], dtype=np.float64)
+    except (OSError, ValueError, KeyError, TypeError, nib.spatialimages.HeaderDataError):
+        return  # a header nibabel read but cannot re-read raw (another format): its own checks apply
+    if not np.all(np.isfinite(pixdim)) or np.any(pixdim == 0):
+        raise InputError(path, f"voxel size (pixdim) {tuple(float(v) for v in pixdim)} must be non-zero and finite")
+
+
 def load_nifti(path: str | os.PathLike) -> tuple[np.ndarray, tuple[float, float, float], np.ndarray]:
     """Read a 3D NIfTI volume as canonical RAS+ float32 HU.
 
     scl_slope/scl_inter are applied (nibabel's scaling). A 4D file whose extra axes are all of
     size 1 is squeezed; a real 4D (several volumes), 2D or single-slice file is an error, as are
-    NaN/Inf voxels and truncated or corrupt files. Returns ``(hu, spacing_mm, affine)``.
+    NaN/Inf voxels, truncated or corrupt files, a zero or non-finite voxel size (pixdim; a
+    negative one is taken as its absolute value) and a header claiming an implausible size.
+    Returns ``(hu, spacing_mm, affine)``.
     """
     path = Path(path)
     if not path.is_file():
@@ -99,6 +127,10 @@ def load_nifti(path: str | os.PathLike) -> tuple[np.ndarray, tuple[float, float,
             raise InputError(path, f"is a {len(shape)}D image with {int(np.prod(shape[3:]))} volumes (shape {shape}); need a single 3D volume")
         if min(shape[:3]) < 2:
             raise InputError(path, f"has a single slice (shape {shape}); need a 3D volume")
+        if max(shape[:3]) > MAX_SIDE or int(np.prod(shape[:3], dtype=np.int64)) > MAX_VOXELS:
+            raise InputError(path, f"implausible size: the header claims {'x'.join(map(str, shape[:3]))} voxels "
+                                   f"(at most {MAX_SIDE} a side and {MAX_VOXELS:.2g} in all); a corrupt header?")
+        _check_pixdim(path, img)
         if not np.all(np.isfinite(img.affine)) or abs(np.linalg.det(img.affine[:3, :3])) < 1e-12:
             raise InputError(path, "has a singular or non-finite affine")
         canonical = nib.as_closest_canonical(img)
@@ -306,9 +338,11 @@ def _ingest_job(job: _Job, store_path: str, spec: VolumeSpec, split: str | None 
             hu, spacing, affine = load_nifti(job.files[0])
         else:
             hu, spacing, affine = load_dicom_series(job.files)
+        hu, _ = clip_padding(hu)  # FOV padding (-2048, -3024, ...) -> air, before interpolation
         out = resample_to_spec(hu, spacing, spec)
         out_affine = resampled_affine(affine, hu.shape, spacing, spec)
         del hu
+        out, _ = remove_table(out, spec.spacing_mm)  # the patient table -> air (patching.ct_clean)
         written = store.write_case(job.case_id, out, spec.spacing_mm, out_affine, source=job.source, split=split)
         return ("ingested" if written else "skipped"), job.case_id, ""
     except InputError as e:

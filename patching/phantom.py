@@ -1,9 +1,11 @@
 """Procedural chest CTPA phantoms: the embedded default dataset and every test's data.
 
-``synth_chest(shape, seed=...)`` draws a chest in millimetres (body wall with skin, fat and
-muscle; lungs with airways and vessel trees; contrast-filled pulmonary arteries; heart with
-enhanced right-sided chambers; aorta; spine, ribs, sternum; liver, stomach, spleen under the
-diaphragm), renders it on the requested grid, then applies scanner blur and noise.
+``synth_chest(shape, seed=...)`` draws a chest in millimetres (a torso whose rib cage and wall
+change along z, raised arms, breasts in some phantoms; lungs with airways and vessel trees;
+contrast-filled pulmonary arteries; an egg-shaped heart with enhanced right-sided chambers;
+aorta; vertebrae, ribs, sternum, clavicles, scapulae, humeri; liver, stomach, spleen under a
+domed diaphragm), renders it on the requested grid, then applies scanner blur and noise. The
+anatomy and its tests are described in docs/data.md.
 
 Orientation: the array is indexed ``[x, y, z]`` in RAS+ (nibabel's ``as_closest_canonical``):
 x increases towards the patient's RIGHT, y towards ANTERIOR, z towards SUPERIOR. The heart apex
@@ -17,7 +19,7 @@ seed (anatomy, emboli, noise), so ``emboli=True`` and ``emboli=False`` give the 
 with and without clots, under the same noise.
 
 Speed: structures are signed-distance functions evaluated only inside their bounding boxes, in
-cache-sized blocks (see :mod:`patching.phantom_render`); 512×512×604 takes well under 30 s on
+cache-sized blocks (see :mod:`patching.phantom_render`); 512×512×604 takes under 30 s of CPU on
 one core (``benchmarks/bench_phantom.py``).
 """
 

@@ -146,23 +146,25 @@ def _u(rng, lo, hi) -> float:
 
 
 def _materials(rng: np.random.Generator) -> dict:
-    """HU of each material for this phantom (before blur and noise)."""
+    """HU of each material for this phantom (before blur and noise). The ranges follow
+    values published for chest CT(PA); ``benchmarks/phantom_hu.py`` checks the rendered
+    phantoms against them and docs/data.md lists the sources."""
     pa = _u(rng, 290, 430)
     aorta = _u(rng, 160, 240)
     return {
         "air": -1000.0, "skin": _u(rng, 25, 50), "fat": _u(rng, -115, -90),
         "mediastinal_fat": _u(rng, -100, -75), "muscle": _u(rng, 42, 58),
         "soft_tissue": _u(rng, 30, 48), "abdomen": _u(rng, 25, 40), "myocardium": _u(rng, 42, 58),
-        "liver": _u(rng, 55, 68), "spleen": _u(rng, 45, 55), "stomach": _u(rng, 5, 20),
-        "lung": _u(rng, -865, -835), "lung_gradient": _u(rng, 25, 60),
+        "liver": _u(rng, 50, 66), "spleen": _u(rng, 45, 55), "stomach": _u(rng, 5, 20),
+        "lung": _u(rng, -890, -860), "lung_gradient": _u(rng, 25, 60),
         "lung_texture": _u(rng, 6, 12),
         "airway": _u(rng, -1000, -985), "pulmonary_artery": pa,
         "right_heart": float(np.clip(pa - _u(rng, 0, 40), 260, 450)),
         "svc": float(np.clip(pa + _u(rng, 0, 40), 260, 450)),
         "aorta": aorta, "left_heart": float(np.clip(aorta + _u(rng, -10, 10), 150, 250)),
         "ivc": _u(rng, 40, 60),
-        "cortical": _u(rng, 1100, 1400), "rib_cortical": _u(rng, 950, 1250),
-        "cancellous": _u(rng, 220, 330), "disc": _u(rng, 70, 100), "cartilage": _u(rng, 100, 160),
+        "cortical": _u(rng, 1300, 1700), "rib_cortical": _u(rng, 1150, 1450),
+        "cancellous": _u(rng, 130, 260), "disc": _u(rng, 70, 100), "cartilage": _u(rng, 100, 160),
         "spinal_canal": _u(rng, 15, 30), "embolus": _u(rng, 22, 38),
         "glandular": _u(rng, 20, 45),
     }

@@ -5,13 +5,11 @@ output slab so each stored plane is decoded once), and assembling the float32 ba
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-if TYPE_CHECKING:
-    from .stitch import _Geometry
+from .stitch_geometry import _Geometry
 
 
 class TileReader:

@@ -41,7 +41,9 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
-from .errors import InputError
+from .checks import child_path, is_safe_name, read_json_doc
+from .errors import InputError, StorageError
+from .staging import clean_stale, is_stale, owner_tag
 
 STORE_FORMAT_VERSION = 1
 SPLITS = ("train", "val", "test")
@@ -57,13 +59,14 @@ _CASE_ID_OK = re.compile(r"[^A-Za-z0-9._-]+")
 def sanitize_case_id(raw: str, *, max_len: int = 96) -> str:
     """A safe, single-path-component case id from untrusted text (e.g. a DICOM PatientID).
 
-    Anything but letters, digits, ``.``, ``_`` and ``-`` becomes ``_``; leading dots are
-    removed (no ``..``, no hidden names); over-long ids are cut and suffixed with a hash so two
+    Anything but letters, digits, ``.``, ``_`` and ``-`` becomes ``_``; leading dots,
+    underscores and dashes are removed (no ``..``, no hidden names, no ``-flag``); over-long ids are cut and suffixed with a hash so two
     long ids stay distinct. An id left empty becomes ``case-<hash>``.
     """
     text = str(raw)
-    # No leading dots or underscores: never ".", "..", a hidden name or a staging name.
-    safe = re.sub(r"^[._]+", "", _CASE_ID_OK.sub("_", text)).rstrip("_")
+    # No leading dots, underscores or dashes: never ".", "..", a hidden name, a staging name or
+    # something a command line reads as a flag (patching.checks.safe_name accepts the result).
+    safe = re.sub(r"^[._-]+", "", _CASE_ID_OK.sub("_", text)).rstrip("_")
     digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:10]
     if not safe or set(safe) <= {"."}:
         return f"case-{digest}"
@@ -200,21 +203,31 @@ class Store:
     def __init__(self, path: str | os.PathLike, *, create: bool = False):
         self.path = Path(path)
         meta = self.path / "zarr.json"
+        self._swept = False
+        if create and self.path.exists() and not self.path.is_dir():
+            raise InputError(self.path, "exists and is not a directory")
+        if meta.exists() or not create:
+            if not meta.exists():
+                raise InputError(self.path, "is not an xray2ct store (no zarr.json); create one with `xray2ct data synth` or `data ingest`")
+            root = self._read_root(meta)  # an existing store is checked before anything is created in it
         if create:
-            if self.path.exists() and not self.path.is_dir():
-                raise InputError(self.path, "exists and is not a directory")
-            _ensure_group(self.path, {"xray2ct_store": STORE_FORMAT_VERSION})
-            _ensure_group(self.path / "cases")
-            (self.path / ".staging").mkdir(exist_ok=True)
-        elif not meta.exists():
-            raise InputError(self.path, "is not an xray2ct store (no zarr.json); create one with `xray2ct data synth` or `data ingest`")
-        try:
-            root = json.loads(meta.read_text())
-        except (OSError, ValueError) as e:
-            raise InputError(meta, f"unreadable store metadata ({e})") from None
-        if root.get("attributes", {}).get("xray2ct_store") is None:
-            raise InputError(self.path, "is a Zarr group but not an xray2ct store")
+            try:
+                _ensure_group(self.path, {"xray2ct_store": STORE_FORMAT_VERSION})
+                _ensure_group(self.path / "cases")
+                (self.path / ".staging").mkdir(exist_ok=True)
+            except OSError as err:
+                raise StorageError.from_os(self.path, "cannot create the store", err) from None
+            root = self._read_root(meta)
         self.attrs = dict(root.get("attributes", {}))
+
+    def _read_root(self, meta: Path) -> dict:
+        try:
+            root = read_json_doc(meta, what="Zarr group metadata")
+        except InputError as err:
+            raise InputError(meta, f"unreadable store metadata ({err.problem})") from None
+        if not isinstance(root.get("attributes"), dict) or root["attributes"].get("xray2ct_store") is None:
+            raise InputError(self.path, "is a Zarr group but not an xray2ct store")
+        return root
 
     # ---- reading -----------------------------------------------------------------------------
     @property
@@ -223,9 +236,10 @@ class Store:
 
     def _case_attrs(self, case_dir: Path) -> dict | None:
         try:
-            return json.loads((case_dir / "zarr.json").read_text()).get("attributes", {})
-        except (OSError, ValueError):
+            attrs = read_json_doc(case_dir / "zarr.json").get("attributes", {})
+        except InputError:
             return None
+        return attrs if isinstance(attrs, dict) else None
 
     def case_ids(self, split: str | None = None) -> list[str]:
         """Ids of complete cases (sorted), optionally of one split."""
@@ -244,6 +258,11 @@ class Store:
                 out.append(d.name)
         return out
 
+    def staging(self) -> list[tuple[Path, bool]]:
+        """Entries of ``.staging/`` as ``(path, stale)``: work in progress of a live writer, or
+        (``stale``) the leftover of one that was killed (see :mod:`patching.staging`)."""
+        return [(p, is_stale(p)) for p in sorted((self.path / ".staging").glob("*"))]
+
     def incomplete(self) -> list[Path]:
         """Staged or unfinished case directories (never returned by :meth:`case_ids`)."""
         out = [p for p in sorted((self.path / ".staging").glob("*")) if p.is_dir()]
@@ -256,11 +275,16 @@ class Store:
         return out
 
     def has_case(self, case_id: str) -> bool:
-        a = self._case_attrs(self.cases_dir / case_id)
+        a = self._case_attrs(self._case_dir(case_id))
         return bool(a and a.get("complete"))
 
+    def _case_dir(self, case_id: str) -> Path:
+        """``cases/<case_id>`` for an id that is one safe path component (ids from the command
+        line and from files alike: never a path outside the store)."""
+        return child_path(self.cases_dir, case_id, self.path, "case id")
+
     def case(self, case_id: str) -> Case:
-        d = self.cases_dir / case_id
+        d = self._case_dir(case_id)
         attrs = self._case_attrs(d)
         if attrs is None or not attrs.get("complete"):
             raise InputError(self.path, f"no complete case {case_id!r} in the store")
@@ -276,10 +300,18 @@ class Store:
     # ---- writing -----------------------------------------------------------------------------
     @contextlib.contextmanager
     def _staging_dir(self, prefix: str) -> Iterator[Path]:
-        d = self.path / ".staging" / f"{prefix}-{uuid.uuid4().hex[:12]}"
-        d.mkdir(parents=True)
+        """A fresh staging directory named after its writer; removed on the way out. The first
+        write of this Store removes the stale leftovers of killed writers (never a live one's).
+        A file-system error (disk full, read-only) becomes a one-line :class:`StorageError`."""
+        if not self._swept:
+            self.clean_staging()
+            self._swept = True
+        d = self.path / ".staging" / f"{prefix}-{uuid.uuid4().hex[:12]}{owner_tag()}"
         try:
+            d.mkdir(parents=True)
             yield d
+        except OSError as err:
+            raise StorageError.from_os(self.path, f"could not write {prefix}", err) from None
         finally:
             if d.exists():
                 shutil.rmtree(d, ignore_errors=True)
@@ -313,7 +345,7 @@ class Store:
         Returns False (and writes nothing) when a complete case with this id already exists or
         another process published it first. ``views`` maps a view name to ``(image, attrs)``.
         """
-        if case_id != sanitize_case_id(case_id):
+        if not is_safe_name(case_id) or case_id != sanitize_case_id(case_id):
             raise InputError(case_id, "case id is not sanitised (use sanitize_case_id)")
         if self.has_case(case_id):
             return False
@@ -413,9 +445,7 @@ class Store:
             self.attrs = dict(root["attributes"])
 
     def clean_staging(self) -> int:
-        """Remove leftovers of interrupted writers. Only safe when no writer is running."""
-        n = 0
-        for p in (self.path / ".staging").glob("*"):
-            shutil.rmtree(p, ignore_errors=True)
-            n += 1
-        return n
+        """Remove the leftovers of killed writers from ``.staging/`` (safe while other writers
+        run: a live writer's entry is kept, :func:`patching.staging.is_stale`). Every writer
+        calls it before its first write; returns how many entries were removed."""
+        return len(clean_stale(self.path / ".staging"))

@@ -94,19 +94,19 @@ def synthesize(store: Store, num: int, shape: Sequence[int] = (64, 64, 64), *, s
         jobs.append((str(store.path), f"phantom-s{seed}-{i:04d}", tuple(shape), cs, has_emboli,
                      split_by_index(i, num), tuple(views), size, fov))
     written = []
-    bar = tqdm(total=num, desc="phantoms", unit="case", disable=not progress)
-    if workers <= 1:
-        for job in jobs:
-            cid, ok = _synth_one(*job)
-            written += [cid] if ok else []
-            bar.update()
-    else:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            for fut in as_completed([pool.submit(_synth_one, *job) for job in jobs]):
-                cid, ok = fut.result()
+    # `with`: the bar ends its line even when a write fails, so the error message starts a line.
+    with tqdm(total=num, desc="phantoms", unit="case", disable=not progress) as bar:
+        if workers <= 1:
+            for job in jobs:
+                cid, ok = _synth_one(*job)
                 written += [cid] if ok else []
                 bar.update()
-    bar.close()
+        else:
+            with ProcessPoolExecutor(max_workers=workers) as pool:
+                for fut in as_completed([pool.submit(_synth_one, *job) for job in jobs]):
+                    cid, ok = fut.result()
+                    written += [cid] if ok else []
+                    bar.update()
     return sorted(written)
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from .errors import InputError
 from .store import DEFAULT_CT_CHUNKS, write_array
 
 
@@ -20,7 +21,8 @@ def write_nifti(path: Path, hu: np.ndarray, affine: np.ndarray) -> Path:
     img.header.set_xyzt_units("mm")
     img.set_sform(affine, code=1)
     img.set_qform(affine, code=1)
-    tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:8]}.tmp.nii.gz")
+    suffix = ".nii.gz" if path.name.lower().endswith(".gz") else ".nii"  # nibabel compresses by the name
+    tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:8]}.tmp{suffix}")
     nib.save(img, tmp)
     os.replace(tmp, path)
     return path
@@ -39,3 +41,27 @@ def write_zarr(path: Path, hu: np.ndarray, attrs: dict) -> Path:
     else:
         os.rename(tmp, path)
     return path
+
+
+def check_nifti_out(out: str | os.PathLike) -> Path:
+    """An output path that must end in .nii/.nii.gz and not be a directory (checked before any work)."""
+    path = Path(out)
+    if path.is_dir():
+        raise InputError(out, "is a directory; give a .nii.gz file name")
+    if not path.name.lower().endswith((".nii", ".nii.gz")):
+        raise InputError(out, "output must end in .nii or .nii.gz")
+    if path.parent.exists() and not path.parent.is_dir():
+        raise InputError(out, f"{path.parent} is not a directory")
+    return path
+
+
+def write_nifti_like(path: Path, hu_ras: np.ndarray, source: Path) -> Path:
+    """Write a volume computed on ``source``'s canonical RAS+ grid (as ``patching.ingest.load_nifti``
+    reads it) back in ``source``'s own voxel order and affine, so the output's geometry (shape,
+    affine, spacing, orientation) equals the input's. int16 HU, rounded; written aside and renamed."""
+    src = nib.load(Path(source))
+    ornt = nib.orientations.io_orientation(src.affine)
+    back = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt(("R", "A", "S")), ornt)
+    data = nib.orientations.apply_orientation(np.asarray(hu_ras), back)
+    data = np.clip(np.rint(data), np.iinfo(np.int16).min, np.iinfo(np.int16).max)
+    return write_nifti(path, data, np.asarray(src.affine, dtype=float))

@@ -77,6 +77,8 @@ def _read_npy(path: Path) -> np.ndarray:
         raise InputError(path, f"needs a numeric 2D array, got dtype {getattr(a, 'dtype', type(a))}")
     if a.ndim != 2:
         raise InputError(path, f"needs a 2D array [row, col], got shape {a.shape}")
+    if a.size == 0:
+        raise InputError(path, f"image is empty (shape {a.shape})")
     if a.dtype.kind == "f" and not np.isfinite(a).all():
         raise InputError(path, f"has {int(a.size - np.isfinite(a).sum())} NaN or Inf value(s)")
     return _float_rule(a)

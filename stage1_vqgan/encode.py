@@ -37,9 +37,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from patching.checks import child_path, resolve_device
 from patching.errors import InputError
 from patching.store import Store
-from patching.weights import CHECKPOINT_FORMAT, load_tensors, read_json, resolve_weights
+from patching.weights import load_tensors, read_json, read_run, resolve_weights
 
 from .codec import encode_volume
 from .config import CodecConfig, VQGANConfig
@@ -81,20 +82,16 @@ def load_vqgan(path: str | Path, device: str | torch.device | None = None) -> Lo
     ("checkpoint of another model"), and for weights that do not fit their saved config.
     """
     kind, where = resolve_weights(path)
+    doc, run_cfg = read_run(kind, where)
+    task = doc["task"]
     if kind == "export":
-        doc = read_json(where / "config.json")
-        task, run_cfg = doc.get("task"), doc.get("config") or {}
-        entry = (doc.get("models") or {}).get("vqgan")
+        entry = doc["models"].get("vqgan")
         if task == TASK_NAME and entry is None:
             raise InputError(where / "config.json", "lists no vqgan weights")
-        file = where / entry["file"] if entry else None
+        file = child_path(where, entry["file"], where / "config.json", "models.vqgan.file") if entry else None
         weights = str(entry.get("weights", "raw")) if entry else "raw"
         extra_path = where / "extra.json" if doc.get("extra") else None
     else:
-        doc = read_json(where / "meta.json")
-        if doc.get("format") != CHECKPOINT_FORMAT:
-            raise InputError(where / "meta.json", f"not an xray2ct checkpoint (format {doc.get('format')!r})")
-        task, run_cfg = doc.get("task"), (read_json(where / "config.json").get("config") or {})
         ema = where / "ema" / "vqgan.safetensors"
         file, weights = (ema, "ema") if ema.is_file() else (where / "models" / "vqgan.safetensors", "raw")
         extra_path = where / "extra.json"
@@ -120,7 +117,7 @@ def load_vqgan(path: str | Path, device: str | torch.device | None = None) -> Lo
     load_vqgan_weights(model, state, str(file))
     if not bool(model.quantizer.initialized):
         raise InputError(file, "the codebook was never initialised (a checkpoint of step 0?)")
-    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(device)  # a bad --device is one line, not a traceback at .to()
     model.to(device).eval()
     reference = {
         "task": TASK_NAME, "preset": doc.get("preset"), "step": int(doc.get("step", 0)), "weights": weights,

@@ -38,10 +38,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from patching.checks import resolve_device
 from patching.errors import InputError
 from patching.reconstruct import Reconstructor, check_xrays, positive_int, sample_files, to_shape
 from patching.spec import VolumeSpec
-from patching.weights import model_state, resolve_weights
+from patching.weights import model_state, read_run, resolve_weights
 from patching.weights import read_json as _read_json
 from patching.xray_io import resize_xray
 from stage1_vqgan.codec import decode_latent
@@ -97,20 +98,12 @@ def _build_config(run_cfg: dict, where: Path) -> Stage2Config:
 def load_diffusion(checkpoint: str | Path, device: str | torch.device = "cpu") -> LoadedDiffusion:
     """The stage-2 model (EMA weights when present), its config and extra state."""
     kind, where = resolve_weights(checkpoint)
-    if kind == "export":
-        doc = _read_json(where / "config.json")
-        meta, run_cfg = doc, doc.get("config") or {}
-        extra_path = where / "extra.json" if doc.get("extra") else None
-    else:
-        meta = _read_json(where / "meta.json")
-        if meta.get("format") != CHECKPOINT_FORMAT:
-            raise InputError(where / "meta.json", f"not an xray2ct checkpoint (format {meta.get('format')!r})")
-        run_cfg = _read_json(where / "config.json").get("config") or {}
-        extra_path = where / "extra.json"
+    meta, run_cfg = read_run(kind, where)
+    extra_path = (where / "extra.json" if meta.get("extra") else None) if kind == "export" else where / "extra.json"
     if meta.get("task") != TASK_NAME and meta.get("task_ref") != TASK_REF:
         raise InputError(where, f"is a checkpoint of task {meta.get('task')!r}, not of the diffusion model")
     cfg = _build_config(run_cfg, where)
-    state, weights = model_state(kind, where, "diffusion", doc if kind == "export" else None)
+    state, weights = model_state(kind, where, "diffusion", meta if kind == "export" else None)
     extra = _plain(_read_json(extra_path).get("state") or {}) if extra_path is not None and extra_path.is_file() else {}
     if extra.get("latent_scale_factor") is None or not isinstance(extra.get("vqgan"), dict):
         raise InputError(where, "holds no latent scale factor / VQ-GAN reference (extra state); "
@@ -154,7 +147,7 @@ class DiffusionReconstructor(Reconstructor):
     def __init__(self, checkpoint: str | Path, *, device: str | torch.device | None = None,
                  vqgan: str | Path | None = None, steps: int | None = None, guidance: float | None = None,
                  progress: bool = False):
-        self.device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = resolve_device(device)
         loaded = load_diffusion(checkpoint, self.device)
         cfg, extra = loaded.cfg, loaded.extra
         ref = extra["vqgan"]

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def _networks():
     """``name -> (class path, model, inputs)``; weights perturbed so no zero-init layer hides a bug."""
-    from gan_baselines import x_recon
+    from gan_baselines import cncl, x_recon
     from gan_baselines.x2ct_gan import cpu_demo as x2ct_cpu_demo
     from gan_baselines.x2ct_gan.model import X2CTGenerator
     from gan_baselines.x_recon.model import XReconGenerator
@@ -51,6 +51,8 @@ def _networks():
                            {v: torch.rand(1, 1, xg.xray_size, xg.xray_size, generator=g) for v in xg.views}),
         "xrecon_generator": ("gan_baselines.x_recon.model:XReconGenerator", XReconGenerator(xr),
                              {v: torch.rand(1, 1, xr.xray_size, xr.xray_size, generator=g) for v in xr.views}),
+        "cncl_generator": ("gan_baselines.cncl.model:CNCLGenerator", cncl.CNCLGenerator(cncl.cpu_demo().model),
+                           {"x": torch.rand(1, 1, 32, 32, generator=g) * 2 - 1}),
     }
     with torch.no_grad():
         for _, model, _ in nets.values():
