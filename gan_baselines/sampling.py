@@ -37,6 +37,7 @@ from patching.errors import InputError
 from patching.reconstruct import Reconstructor, sample_files
 from patching.spec import VolumeSpec, data_spec
 from patching.weights import describe, model_state, read_run, resolve_weights
+from patching.weights import read_json as _read_json
 from patching.xray_io import resize_xray
 
 from . import x2ct_gan, x_recon

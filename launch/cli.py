@@ -83,7 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("evaluate", help="score reconstruction methods on a store's split (see `xray2ct evaluate --help`)",
                    add_help=False)
     p = sub.add_parser("encode", help="cache every case's stage-1 latent in the store")
-    from .encode import add_arguments as add_encode_arguments  # also `python -m launch.encode` (several processes)
+    from .encode import (
+        add_arguments as add_encode_arguments,  # also `python -m launch.encode` (several processes)
+    )
 
     add_encode_arguments(p)
     p = sub.add_parser("sample", help="reconstruct a CT volume from X-ray files")

@@ -92,7 +92,13 @@ def encode(store_path: str | Path, vqgan_path: str | Path, *, split: str | None 
     from accelerate.utils import gather_object
 
     from patching.store import Store
-    from stage1_vqgan.encode import case_ids_to_encode, encode_cases, finish_scale_factor, load_vqgan, shard
+    from stage1_vqgan.encode import (
+        case_ids_to_encode,
+        encode_cases,
+        finish_scale_factor,
+        load_vqgan,
+        shard,
+    )
 
     state = PartialState(cpu=not torch.cuda.is_available() or (device is not None and str(device) == "cpu"))
     rank, world, main = state.process_index, state.num_processes, state.is_main_process

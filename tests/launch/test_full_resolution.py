@@ -7,7 +7,13 @@ from __future__ import annotations
 
 import json
 
-from benchmarks.full_resolution_cpu import VQGAN_WIDTHS, reduced_plan, run_pipeline, summarise, tile_scaling
+from benchmarks.full_resolution_cpu import (
+    VQGAN_WIDTHS,
+    reduced_plan,
+    run_pipeline,
+    summarise,
+    tile_scaling,
+)
 from tests.launch.toy_task import child_env
 
 
