@@ -24,7 +24,7 @@ X-rays (``preview.png``). Every file is written aside and renamed into place.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,25 +32,24 @@ import numpy as np
 import torch
 from torch import nn
 
+from patching.artifact import describe, model_state, read_extra, read_run, resolve_weights, task_config
 from patching.checks import resolve_device
 from patching.errors import InputError
 from patching.reconstruct import Reconstructor, sample_files
 from patching.spec import VolumeSpec, data_spec
-from patching.weights import describe, model_state, read_run, resolve_weights
-from patching.weights import read_json as _read_json
 from patching.xray_io import resize_xray
 
-from . import x2ct_gan, x_recon
+from . import s_xr2ct, x2ct_gan, x_recon
 from .common import from_model_range
 
-# task name → (config class, its sections' classes, generator class)
-GAN_TASKS: dict[str, tuple[type, dict[str, type], type]] = {
-    "x2ct-gan": (x2ct_gan.X2CTGANConfig, {"model": x2ct_gan.X2CTGANModelConfig, "loss": x2ct_gan.X2CTGANLossConfig,
-                                          "optim": x2ct_gan.GANOptimConfig}, x2ct_gan.X2CTGenerator),
-    "x-recon": (x_recon.XReconConfig, {"model": x_recon.XReconModelConfig, "loss": x_recon.XReconLossConfig,
-                                       "optim": x2ct_gan.GANOptimConfig}, x_recon.XReconGenerator),
+# task name → (config class, generator class)
+GAN_TASKS: dict[str, tuple[type, type]] = {
+    "x2ct-gan": (x2ct_gan.X2CTGANConfig, x2ct_gan.X2CTGenerator),
+    "x-recon": (x_recon.XReconConfig, x_recon.XReconGenerator),
+    "s-xr2ct": (s_xr2ct.SXR2CTConfig, s_xr2ct.SXR2CTGenerator),
 }
-_TASK_REFS = {"gan_baselines.x2ct_gan.task:X2CTGANTask": "x2ct-gan", "gan_baselines.x_recon.task:XReconTask": "x-recon"}
+_TASK_REFS = {"gan_baselines.x2ct_gan.task:X2CTGANTask": "x2ct-gan", "gan_baselines.x_recon.task:XReconTask": "x-recon",
+              "gan_baselines.s_xr2ct.task:SXR2CTTask": "s-xr2ct"}
 
 
 @dataclass
@@ -67,21 +66,7 @@ class LoadedGenerator:
     volume: dict | None = None  # the training cases' grid (extra state): shape, spacing_mm, hu_window
 
 
-# --- finding and reading weights: patching.weights (shared by every sampler) -----------------
-
-
-def _build_config(task: str, data: dict, source: Path) -> Any:
-    """The task's config from the saved (resolved) run config; the engine's ``train`` is ignored."""
-    cls, sections, _ = GAN_TASKS[task]
-    kwargs = {}
-    for name, section_cls in sections.items():
-        given = dict(data.get(name) or {})
-        known = {f.name for f in fields(section_cls)}
-        kwargs[name] = section_cls(**{k: v for k, v in given.items() if k in known})
-    try:
-        return cls(**kwargs)
-    except TypeError as err:
-        raise InputError(source, f"config does not fit {task}: {err}") from None
+# --- finding and reading weights: patching.artifact (shared by every sampler) -----------------
 
 
 def checkpoint_preset(path: str | os.PathLike) -> str:
@@ -100,23 +85,20 @@ def load_generator(path: str | os.PathLike, device: str | torch.device = "cpu") 
     """Load an X2CT-GAN or X-Recon generator (EMA weights when present) from a checkpoint or export."""
     kind, where = resolve_weights(path)
     meta, run_cfg = read_run(kind, where)
-    extra_path = (where / "extra.json" if meta.get("extra") else None) if kind == "export" else where / "extra.json"
     task = _TASK_REFS.get(str(meta.get("task_ref")), str(meta.get("task")))
     if task not in GAN_TASKS:
         raise InputError(where, f"is a checkpoint of task {meta.get('task')!r}, not of a GAN baseline "
                                 f"({', '.join(GAN_TASKS)})")
-    cfg = _build_config(task, run_cfg, where)
+    cfg = task_config(GAN_TASKS[task][0], run_cfg, where)
     state, weights = model_state(kind, where, "generator", meta if kind == "export" else None)
-    generator = GAN_TASKS[task][2](cfg.model)
+    generator = GAN_TASKS[task][1](cfg.model)
     try:
         generator.load_state_dict(state)
     except RuntimeError as err:
         first = str(err).splitlines()[0]
         raise InputError(where, f"generator weights do not match the saved {task} config ({first})") from None
     generator.to(resolve_device(device)).eval()
-    volume = None
-    if extra_path is not None and extra_path.is_file():
-        volume = (_read_json(extra_path).get("state") or {}).get("volume")
+    volume = read_extra(kind, where, meta).get("volume")
     return LoadedGenerator(task, str(meta.get("preset", "")), int(meta.get("step", 0)), cfg, generator, weights, where,
                            volume if isinstance(volume, dict) else None)
 

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import os
 import random
-import re
 import secrets
 import shutil
 import sys
@@ -52,19 +51,18 @@ from typing import Any
 import numpy as np
 import torch
 
+from patching.artifact import CHECKPOINT_FORMAT as FORMAT
+from patching.artifact import CHECKPOINT_VERSION as VERSION
+from patching.artifact import LATEST, pointed_checkpoint, read_checkpoint_meta, step_name
+from patching.artifact import STEP_RE as _STEP_RE
 from patching.errors import InputError, StorageError
 from patching.staging import clean_stale, host_id, owner_tag
-from patching.weights import CHECKPOINT_FORMAT as FORMAT
-from patching.weights import CHECKPOINT_VERSION as VERSION
-from patching.weights import pointed_checkpoint, read_checkpoint_meta
 
-LATEST = "latest"
 # What load_checkpoint reads from meta.json (read_checkpoint_meta adds format, version, step).
 RESUME_KEYS: dict[str, Any] = {
     "models": list, "optimizers": dict, "schedulers": list, "world_size": int, "data": dict,
     "epoch": int, "position": int, "nonfinite_streak": int, "nonfinite_total": int,
 }
-_STEP_RE = re.compile(r"^step-(\d+)$")
 # Testing knob: seconds to sleep after each file a checkpoint writer closes, so a test can
 # kill the process in the middle of a write. Never set in production.
 from .state_io import (  # noqa: E402,F401  (the file primitives, re-exported)
@@ -214,11 +212,14 @@ def holds_checkpoints(root: str | os.PathLike) -> bool:
 
 
 def resolve_checkpoint(path: str | os.PathLike, source: str = "--resume") -> Path:
-    """A checkpoint directory from a path naming it, a ``checkpoints/`` root or an output dir."""
+    """A checkpoint directory from a path naming it, its ``latest`` pointer, a ``checkpoints/``
+    root or an output dir (``--resume``; an export holds no optimizer state to resume)."""
     p = Path(path)
     if (p / "meta.json").exists():
         read_meta(p)
         return p
+    if p.name == LATEST and p.is_file():  # the pointer file itself
+        return pointed_checkpoint(p.parent)
     for root in (p, checkpoint_root(p)):
         if root.is_dir() and holds_checkpoints(root):
             return pointed_checkpoint(root)
@@ -292,7 +293,7 @@ def publish(root: Path, staging: Path, step: int, keep_last: int) -> Path:
     Order: fsync the files, rename the directory, fsync the parent, write ``latest`` through a
     temporary file and ``os.replace``, then delete what falls out of the last ``keep_last``.
     """
-    final = root / f"step-{step}"
+    final = root / step_name(step)
     _fsync_tree(staging)
     if final.exists():  # the same step saved again (e.g. a resumed run stopped at once)
         trash = root / f".trash-{final.name}-{staging.name.rsplit('-', 1)[-1]}"
@@ -328,7 +329,7 @@ def prune(root: Path, keep_last: int, protect: Iterable[Path] = ()) -> list[Path
 
 
 def read_meta(ckpt: Path, keys: dict[str, Any] | None = None) -> dict:
-    """``meta.json`` of ``ckpt``, validated (:func:`patching.weights.read_checkpoint_meta`:
+    """``meta.json`` of ``ckpt``, validated (:func:`patching.artifact.read_checkpoint_meta`:
     an object, format marker, version, step agreeing with the directory, safe model names, and
     ``keys``); bad metadata is a one-line :class:`InputError`."""
     return read_checkpoint_meta(ckpt, keys)
@@ -422,7 +423,7 @@ def save_checkpoint(root: Path, step: int, s: Saveables, *, rank: int, is_main: 
             })
             if attempt.error is None:
                 attempt(lambda: publish(root, staging, step, keep_last))
-                final = root / f"step-{step}" if attempt.error is None else None
+                final = root / step_name(step) if attempt.error is None else None
         if failed or control.max(1 if attempt.error is not None else 0):
             if is_main and staging.exists():
                 shutil.rmtree(staging, ignore_errors=True)
@@ -430,7 +431,7 @@ def save_checkpoint(root: Path, step: int, s: Saveables, *, rank: int, is_main: 
             kept = read_latest(root)  # a shared file system: every rank reads the same
             after = f"{LATEST} is still {kept.name}" if kept is not None else "no earlier checkpoint"
             err = attempt.error or OSError(0, "a write failed on another rank")
-            raise StorageError.from_os(staging.parent / f"step-{step}", "could not write the checkpoint", err, after)
+            raise StorageError.from_os(staging.parent / step_name(step), "could not write the checkpoint", err, after)
         control.barrier()
         return final
     except BaseException:

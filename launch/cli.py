@@ -69,6 +69,8 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dose", type=float, required=True, help="dose fraction in (0, 1]; 1 = the simulator's full dose, "
                                                              "0.25 = quarter dose (AAPM challenge)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--photons", type=float, default=1e5, help="incident photons per ray and view at full dose "
+                                                                "(default 1e5)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -107,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dose", type=float, default=None,
                    help="first simulate this dose fraction of the input (for a full-dose CT), then denoise")
     p.add_argument("--seed", type=int, default=0, help="seed of the --dose simulation")
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p = sub.add_parser("demo", help="the whole pipeline on phantoms, on a CPU")
     p.add_argument("--out", default="demo_out")
     p.add_argument("--num", type=int, default=48, help="phantoms to synthesise (default 48: 40 train, 4 val, 4 test)")
@@ -147,7 +149,7 @@ def _denoise(args) -> int:
 
     window = data_spec(checkpoint_preset(args.checkpoint)).hu_window
     out = denoise_file(args.checkpoint, args.input, args.out, window, dose=args.dose, seed=args.seed,
-                       device=args.device or "cpu")
+                       device=args.device)
     print(f"denoised -> {out}")
     return 0
 

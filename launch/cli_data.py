@@ -148,13 +148,17 @@ def _preview(args) -> int:
 
 def _lowdose(args) -> int:
     from patching.ingest import load_nifti
-    from patching.lowdose import check_dose, simulate_volume
+    from patching.lowdose import LowDoseScanner, check_dose, simulate_volume
     from patching.volume_io import check_nifti_out, write_nifti_like
 
     out = check_nifti_out(args.out)
     dose = check_dose(args.dose)
+    try:
+        scanner = LowDoseScanner(photons=args.photons)
+    except InputError as err:
+        raise InputError("--photons", err.problem) from None
     hu, spacing, _ = load_nifti(args.input)
-    low = simulate_volume(hu, spacing, dose, seed=args.seed, progress=True)
+    low = simulate_volume(hu, spacing, dose, seed=args.seed, scanner=scanner, progress=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_nifti_like(out, low, Path(args.input))
     print(f"dose {dose:g} (seed {args.seed}): noise std {float(np.std(low - hu)):.1f} HU over the volume -> {out}")

@@ -1,16 +1,23 @@
-"""``xray2ct export --checkpoint PATH --out DIR``: weights for sampling, as safetensors + JSON.
+"""``xray2ct export --checkpoint PATH --out DIR``: the weights to sample with, diffusers-style.
 
-Writes into ``DIR``::
+``PATH`` is any weights path (:func:`patching.artifact.resolve_weights`: a run directory, its
+``checkpoints/``, the ``latest`` pointer, a ``step-N`` directory or another export). Writes
+into ``DIR``::
 
-    <model>.safetensors        the weights to sample with: the EMA weights when the run kept an
-                               EMA of that model, the raw weights otherwise
-    <model>.raw.safetensors    the raw weights, only for models that have an EMA
-    extra.{safetensors,json}   the task's extras (e.g. the latent scale factor), when any
-    config.json                task name and import path, preset, step, the resolved config,
-                               and which file holds which weights
+    <network>/config.json      one folder per network the task declares (``task.networks``):
+    <network>/diffusion_pytorch_model.safetensors
+                               its class's ``save_pretrained`` output, so
+                               ``VQGAN.from_pretrained(DIR / "vqgan")`` loads it in a plain
+                               Python session; the EMA weights when the run kept them
+    <model>.safetensors        any other model (a discriminator): the same weights, flat
+    <model>.raw.safetensors    the raw weights of models that have an EMA
+    extra.{safetensors,json}   the pipeline's settings (latent scale factor, VQ-GAN reference,
+                               output geometry, HU window), when the task keeps any
+    config.json                format, task name and import path, preset and its data spec,
+                               step, the resolved run config, and where each model's weights are
 
-:func:`load_weights` reads an exported directory *or* a checkpoint directory (the sampling
-CLI accepts both). Nothing here unpickles anything.
+:func:`load_weights` reads an export *or* a checkpoint through :mod:`patching.artifact`, as
+every sampler does. Nothing here unpickles anything.
 """
 
 from __future__ import annotations
@@ -26,9 +33,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from patching.artifact import (
+    EXPORT_FORMAT,
+    EXPORT_VERSION,
+    model_state,
+    read_config,
+    read_run,
+    resolve_weights,
+)
 from patching.errors import InputError, StorageError
+from patching.spec import DATA_PRESETS
 from patching.staging import clean_stale, owner_tag
-from patching.weights import EXPORT_FORMAT, RUN_KEYS, read_export_config
 
 from . import checkpoint as ck
 
@@ -47,31 +62,58 @@ class Weights:
     extra: Any
 
 
+def _networks(meta: dict) -> dict:
+    """The task's ``networks`` (model name → {key prefix: (folder, class, config section)}); ``{}``
+    for a task that declares none or cannot be imported here (its models export flat)."""
+    from .tasks import load_task
+
+    try:
+        _, task = load_task(str(meta.get("task_ref") or meta["task"]))
+    except InputError:
+        return {}
+    return dict(getattr(task, "networks", None) or {})
+
+
+def _save_networks(stage: Path, parts: dict, state: dict, run_cfg: dict, source: Path) -> dict[str, str]:
+    """Each network of one model as ``stage/<folder>`` (``save_pretrained``); ``{prefix: folder}``."""
+    folders = {}
+    for prefix, (folder, cls, section) in parts.items():
+        lead = f"{prefix}." if prefix else ""
+        net = cls(read_config(cls.config_class, run_cfg.get(section), source))
+        try:
+            net.load_state_dict({k[len(lead):]: v for k, v in state.items() if k.startswith(lead)})
+        except RuntimeError as err:
+            raise InputError(source, f"{folder} weights do not match the saved config ({str(err).splitlines()[0]})") from None
+        net.save_pretrained(stage / folder)
+        folders[prefix] = folder
+    return folders
+
+
 def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
-    """Export a checkpoint (or the newest one under an output dir) into ``out``.
+    """Export the weights at ``checkpoint`` (any weights path) into ``out``.
 
     Every input is read and validated before anything is written (model names from
     ``meta.json`` are path-safe, see :func:`patching.checks.safe_name`); the files are written
     into a staging directory beside ``out`` and moved in at the end, so a failed export leaves
     nothing behind.
     """
-    ckpt = ck.resolve_checkpoint(checkpoint, source="--checkpoint")
-    meta = ck.read_meta(ckpt, RUN_KEYS)
-    run = ck.load_json(ckpt / "config.json", {"config": dict})
+    kind, where = resolve_weights(checkpoint)
+    meta, run_cfg = read_run(kind, where)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise InputError("--out", f"{out} exists and is not a directory")
-    sources = {}
-    for name in meta["models"]:
-        raw_path = ckpt / "models" / f"{name}.safetensors"
-        ema_path = ckpt / "ema" / f"{name}.safetensors"
-        sources[name] = (ck.load_tensors(raw_path), ck.load_tensors(ema_path) if ema_path.is_file() else None)
-    has_extra = (ckpt / "extra.json").is_file()
+    names = list(meta["models"])
+    sources = {n: (model_state(kind, where, n, meta if kind == "export" else None),
+                   model_state(kind, where, n, meta if kind == "export" else None, raw=True)[0]) for n in names}
+    networks = _networks(meta)
+    has_extra = (where / "extra.json").is_file() and (kind != "export" or bool(meta.get("extra")))
+    spec = DATA_PRESETS[meta["preset"]]() if meta["preset"] in DATA_PRESETS else None
     doc = {
-        "format": EXPORT_FORMAT, "version": 1,
-        "task": meta["task"], "task_ref": meta.get("task_ref", run.get("task_ref")), "preset": meta["preset"],
-        "step": meta["step"], "source": str(ckpt.resolve()), "models": {}, "extra": has_extra,
-        "config": run["config"],
+        "format": EXPORT_FORMAT, "version": EXPORT_VERSION,
+        "task": meta["task"], "task_ref": meta.get("task_ref"), "preset": meta["preset"],
+        "data": None if spec is None else {"shape": list(spec.shape), "spacing_mm": list(spec.spacing_mm),
+                                           "hu_window": list(spec.hu_window)},
+        "step": meta["step"], "source": str(where.resolve()), "models": {}, "extra": has_extra, "config": run_cfg,
     }
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -83,24 +125,27 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
     try:
         stage.mkdir()
         files = doc["models"]
-        for name, (raw, ema) in sources.items():
+        for name, ((state, weights), raw) in sources.items():
             md = {"model": name, "step": str(meta["step"]), "task": meta["task"]}
-            if ema is not None:
-                ck.save_tensors(stage / f"{name}.safetensors", ema, metadata={**md, "weights": "ema"})
-                ck.save_tensors(stage / f"{name}.raw.safetensors", raw, metadata={**md, "weights": "raw"})
-                files[name] = {"file": f"{name}.safetensors", "weights": "ema", "raw_file": f"{name}.raw.safetensors"}
+            if name in networks:
+                files[name] = {"networks": _save_networks(stage, networks[name], state, run_cfg, where), "weights": weights}
             else:
-                ck.save_tensors(stage / f"{name}.safetensors", raw, metadata={**md, "weights": "raw"})
-                files[name] = {"file": f"{name}.safetensors", "weights": "raw"}
+                ck.save_tensors(stage / f"{name}.safetensors", state, metadata={**md, "weights": weights})
+                files[name] = {"file": f"{name}.safetensors", "weights": weights}
+            if weights == "ema":
+                ck.save_tensors(stage / f"{name}.raw.safetensors", raw, metadata={**md, "weights": "raw"})
+                files[name]["raw_file"] = f"{name}.raw.safetensors"
         if has_extra:
             for suffix in (".json", ".safetensors"):
-                if (ckpt / f"extra{suffix}").is_file():
-                    shutil.copyfile(ckpt / f"extra{suffix}", stage / f"extra{suffix}")
+                if (where / f"extra{suffix}").is_file():
+                    shutil.copyfile(where / f"extra{suffix}", stage / f"extra{suffix}")
         (stage / "config.json").write_text(json.dumps(doc, indent=2) + "\n")
         if not out.exists():
             os.rename(stage, out)
         else:  # an existing directory: move the files in, config.json (what makes it an export) last
             for f in sorted(stage.iterdir(), key=lambda f: f.name == "config.json"):
+                if f.is_dir() and (out / f.name).is_dir():
+                    shutil.rmtree(out / f.name)
                 os.replace(f, out / f.name)
     except OSError as err:
         raise StorageError.from_os(out, "could not write the export", err) from None
@@ -110,29 +155,21 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
 
 
 def load_weights(path: str | Path) -> Weights:
-    """Weights from an exported directory or a checkpoint (directory, checkpoints root or run dir)."""
-    p = Path(path)
-    cfg_path = p / "config.json"
-    if cfg_path.is_file() and not ck.is_checkpoint(p):
-        doc = read_export_config(p)  # every `file` entry is one safe name inside p
-        weights = {n: ck.load_tensors(p / f["file"]) for n, f in doc["models"].items()}
-        raw = {n: ck.load_tensors(p / f["raw_file"]) if "raw_file" in f else weights[n] for n, f in doc["models"].items()}
-        extra = ck.load_state(p / "extra") if doc.get("extra") else None
-        return Weights(doc["task"], doc.get("task_ref") or "", doc["preset"], int(doc["step"]), doc["config"], weights, raw, extra)
-    ckpt = ck.resolve_checkpoint(p, source="--checkpoint")
-    meta = ck.read_meta(ckpt, RUN_KEYS)
-    run = ck.load_json(ckpt / "config.json", {"config": dict})
-    raw = {n: ck.load_tensors(ckpt / "models" / f"{n}.safetensors") for n in meta["models"]}
-    weights = {n: ck.load_tensors(ckpt / "ema" / f"{n}.safetensors") if (ckpt / "ema" / f"{n}.safetensors").is_file() else raw[n]
-               for n in meta["models"]}
-    extra = ck.load_state(ckpt / "extra") if (ckpt / "extra.json").is_file() else None
-    return Weights(meta["task"], meta.get("task_ref", ""), meta["preset"], int(meta["step"]), run["config"], weights, raw, extra)
+    """Weights from any weights path (an export, a checkpoint, ``latest``, a run directory)."""
+    kind, where = resolve_weights(path)
+    meta, run_cfg = read_run(kind, where)
+    doc = meta if kind == "export" else None
+    weights = {n: model_state(kind, where, n, doc)[0] for n in meta["models"]}
+    raw = {n: model_state(kind, where, n, doc, raw=True)[0] for n in meta["models"]}
+    has_extra = (where / "extra.json").is_file() and (kind != "export" or bool(meta.get("extra")))
+    extra = ck.load_state(where / "extra") if has_extra else None
+    return Weights(meta["task"], meta.get("task_ref") or "", meta["preset"], int(meta["step"]), run_cfg, weights, raw, extra)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="xray2ct export", description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", required=True, metavar="PATH",
-                   help="a checkpoint directory, D/checkpoints, or a run directory D (its latest checkpoint)")
+                   help="a run directory D, D/checkpoints, its latest pointer, a step-N checkpoint or an export")
     p.add_argument("--out", required=True, metavar="DIR")
     return p
 

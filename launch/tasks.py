@@ -20,6 +20,7 @@ TASKS: dict[str, str] = {
     "diffusion": "stage2_diffusion.task:DiffusionTask",
     "x2ct-gan": "gan_baselines.x2ct_gan.task:X2CTGANTask",
     "x-recon": "gan_baselines.x_recon.task:XReconTask",
+    "s-xr2ct": "gan_baselines.s_xr2ct.task:SXR2CTTask",
     "cncl": "gan_baselines.cncl.task:CNCLTask",
 }
 
@@ -30,6 +31,7 @@ RECONSTRUCTORS: dict[str, str] = {
     "diffusion": "stage2_diffusion.pipeline:DiffusionReconstructor",
     "x2ct-gan": "gan_baselines.sampling:GanReconstructor",
     "x-recon": "gan_baselines.sampling:GanReconstructor",
+    "s-xr2ct": "gan_baselines.sampling:GanReconstructor",
 }
 
 REQUIRED = ("default_config", "build_models", "build_optimizers", "build_dataset", "train_step")
@@ -105,7 +107,7 @@ def load_reconstructor(path: str | os.PathLike, **options: Any):
     """The :class:`patching.reconstruct.Reconstructor` of the checkpoint, run, ``latest``,
     ``step-N`` or export at ``path``, chosen by the task it records (``options``: ``device``,
     ``steps``, ``guidance``)."""
-    from patching.weights import describe
+    from patching.artifact import describe
 
     meta = describe(path)
     ref = meta.get("task_ref")

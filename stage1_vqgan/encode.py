@@ -5,9 +5,9 @@
 
 Weights are read from a training checkpoint (``D/checkpoints/step-N``, the ``latest`` pointer,
 ``D/checkpoints`` or the run directory ``D``: its newest checkpoint) or an ``xray2ct export``
-directory, through :mod:`patching.weights` (safetensors and JSON only, nothing is unpickled;
+directory, through :mod:`patching.artifact` (safetensors and JSON only, nothing is unpickled;
 stage packages never import ``launch``). The EMA weights are used when the run kept them (a
-checkpoint's ``ema/vqgan.safetensors``; an export's ``vqgan.safetensors`` already holds them);
+checkpoint's ``ema/vqgan.safetensors``; an export's ``vqgan/`` folder already holds them);
 the HU window is the one the model was trained with (the task's extra state).
 
 Every latent carries a reference to the weights that made it: ``weights_sha256`` (of the
@@ -37,10 +37,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from patching.checks import child_path, resolve_device
+from patching.artifact import model_state, read_config, read_extra, read_run, resolve_weights
+from patching.checks import resolve_device
 from patching.errors import InputError
 from patching.store import Store
-from patching.weights import load_tensors, read_json, read_run, resolve_weights
 
 from .codec import encode_volume
 from .config import CodecConfig, VQGANConfig
@@ -83,32 +83,15 @@ def load_vqgan(path: str | Path, device: str | torch.device | None = None) -> Lo
     """
     kind, where = resolve_weights(path)
     doc, run_cfg = read_run(kind, where)
-    task = doc["task"]
-    if kind == "export":
-        entry = doc["models"].get("vqgan")
-        if task == TASK_NAME and entry is None:
-            raise InputError(where / "config.json", "lists no vqgan weights")
-        file = child_path(where, entry["file"], where / "config.json", "models.vqgan.file") if entry else None
-        weights = str(entry.get("weights", "raw")) if entry else "raw"
-        extra_path = where / "extra.json" if doc.get("extra") else None
-    else:
-        ema = where / "ema" / "vqgan.safetensors"
-        file, weights = (ema, "ema") if ema.is_file() else (where / "models" / "vqgan.safetensors", "raw")
-        extra_path = where / "extra.json"
-    if task != TASK_NAME:
-        raise InputError(where, f"checkpoint of another model (task {task!r}); `xray2ct encode` needs a "
+    if doc["task"] != TASK_NAME:
+        raise InputError(where, f"checkpoint of another model (task {doc['task']!r}); `xray2ct encode` needs a "
                                 f"{TASK_NAME} checkpoint or export")
-    try:
-        model_cfg = VQGANConfig(**(run_cfg.get("model") or {}))
-        codec = CodecConfig(**(run_cfg.get("codec") or {}))
-    except TypeError as err:
-        raise InputError(where, f"saved config does not fit this VQ-GAN: {err}") from None
-    hu_window = DEFAULT_HU_WINDOW
-    if extra_path is not None and extra_path.is_file():
-        saved = (read_json(extra_path).get("state") or {}).get("hu_window")
-        if saved is not None:
-            hu_window = (float(saved[0]), float(saved[1]))
-    state = load_tensors(file)
+    model_cfg = read_config(VQGANConfig, run_cfg.get("model"), where)
+    codec = read_config(CodecConfig, run_cfg.get("codec"), where)
+    saved = read_extra(kind, where, doc).get("hu_window")
+    hu_window = DEFAULT_HU_WINDOW if saved is None else (float(saved[0]), float(saved[1]))
+    state, weights = model_state(kind, where, TASK_NAME, doc if kind == "export" else None)
+    file = where  # what the weights were read from (named in errors and the reference)
     bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:  # NaN encoder outputs would be hidden by the quantizer (argmin picks code 0)
         raise InputError(file, f"has non-finite values in {len(bad)} tensors (e.g. {bad[0]!r}); "

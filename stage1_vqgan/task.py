@@ -105,6 +105,22 @@ class VQGANTaskConfig(Stage1Config):
         return self.data.tile if self.data.tile is not None else self.codec.tile
 
 
+# The engine's `train.*` defaults per preset (the presets' names are those of
+# stage1_vqgan.config.PRESETS; no code branches on them).
+TRAIN_DEFAULTS: dict[str, dict[str, Any]] = {
+    # lr 5e-4: the model developer's overfit runs (2e-3 stalled at ~24 dB). Batch 2: torch
+    # runs batch-1 3D convs this small on a slow native kernel. A short EMA for runs of a
+    # few hundred steps: the engine's EMA has no warm-up, so at step 100 a 0.99 EMA still
+    # holds 37 % of the initial weights (0.98: 13 %; 0.999: 90 %).
+    "cpu-demo": {"lr": 5e-4, "batch_size": 2, "num_workers": 1, "ema_decay": 0.98, "val_every": 200,
+                 "clip_grad": 0.0},
+    # Medical Diffusion's vq_gan_3d.yaml (lr 3e-4); one 256×256×128 tile per GPU (the
+    # preset's grad_accum of 4 makes 4 tiles per step per GPU); the engine's clip at 1.0
+    # stays as a guard for the long adversarial phase.
+    "ctpa-512": {"lr": 3e-4, "batch_size": 1, "ema_decay": 0.999, "val_every": 2000},
+}
+
+
 def task_config(preset: str) -> VQGANTaskConfig:
     base = stage1_preset(preset)
     return VQGANTaskConfig(model=base.model, disc=base.disc, loss=base.loss, codec=base.codec)
@@ -125,6 +141,9 @@ class VQGANTask:
 
     name = "vqgan"
     ema_models = ("vqgan",)
+    # Exported as diffusers-style folders (launch/export.py): model name → {key prefix in its state
+    # dict: (folder, the Pretrained class, the config section that builds it)}.
+    networks = {"vqgan": {"": ("vqgan", VQGAN, "model")}}
 
     def __init__(self) -> None:
         self.cfg: Any = None
@@ -139,17 +158,7 @@ class VQGANTask:
         return task_config(preset)
 
     def train_defaults(self, preset: str) -> dict[str, Any]:
-        if preset == "cpu-demo":
-            # lr 5e-4: the model developer's overfit runs (2e-3 stalled at ~24 dB). Batch 2: torch
-            # runs batch-1 3D convs this small on a slow native kernel. A short EMA for runs of a
-            # few hundred steps: the engine's EMA has no warm-up, so at step 100 a 0.99 EMA still
-            # holds 37 % of the initial weights (0.98: 13 %; 0.999: 90 %).
-            return {"lr": 5e-4, "batch_size": 2, "num_workers": 1, "ema_decay": 0.98, "val_every": 200,
-                    "clip_grad": 0.0}
-        # Medical Diffusion's vq_gan_3d.yaml (lr 3e-4); one 256×256×128 tile per GPU (the
-        # preset's grad_accum of 4 makes 4 tiles per step per GPU); the engine's clip at 1.0
-        # stays as a guard for the long adversarial phase.
-        return {"lr": 3e-4, "batch_size": 1, "ema_decay": 0.999, "val_every": 2000}
+        return dict(TRAIN_DEFAULTS[preset])
 
     # --- models and optimisers ---------------------------------------------------------------------
 

@@ -31,32 +31,28 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Iterator
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
+from patching.artifact import model_state, read_extra, read_run, resolve_weights, task_config
 from patching.checks import resolve_device
 from patching.errors import InputError
 from patching.reconstruct import Reconstructor, check_xrays, positive_int, sample_files, to_shape
 from patching.spec import VolumeSpec
-from patching.weights import model_state, read_run, resolve_weights
-from patching.weights import read_json as _read_json
 from patching.xray_io import resize_xray
 from stage1_vqgan.codec import decode_latent
 from stage1_vqgan.encode import load_vqgan
 
-from .config import DiffusionConfig, SamplerConfig, Stage2Config, UNetConfig, XrayEncoderConfig
+from .config import Stage2Config
 from .sampler import sample_latents
 from .schedules import sample_scheduler
-from .task import DiffusionModel
+from .task import DiffusionModel, DiffusionTaskConfig
 
-CHECKPOINT_FORMAT = "xray2ct-checkpoint"
 TASK_NAME = "diffusion"
 TASK_REF = "stage2_diffusion.task:DiffusionTask"
-_SECTIONS = {"encoder": XrayEncoderConfig, "unet": UNetConfig, "diffusion": DiffusionConfig, "sampler": SamplerConfig}
 
 
 @dataclass
@@ -69,42 +65,17 @@ class LoadedDiffusion:
     source: Path
 
 
-def _plain(x: Any) -> Any:
-    """The engine's JSON skeleton (tuples as ``{"__tuple__": [...]}``) → plain lists/dicts."""
-    if isinstance(x, dict):
-        if set(x) == {"__tuple__"}:
-            return [_plain(v) for v in x["__tuple__"]]
-        if set(x) == {"__dict__"}:
-            return {k: _plain(v) for k, v in x["__dict__"]}
-        return {k: _plain(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_plain(v) for v in x]
-    return x
-
-
-def _build_config(run_cfg: dict, where: Path) -> Stage2Config:
-    kwargs = {}
-    try:
-        for name, cls in _SECTIONS.items():
-            known = {f.name for f in fields(cls)}
-            kwargs[name] = cls(**{k: v for k, v in (run_cfg.get(name) or {}).items() if k in known})
-        if not run_cfg.get("latent_shape"):
-            raise InputError(where, "records no latent_shape in its config (not written by `xray2ct train diffusion`?)")
-        return Stage2Config(**kwargs, latent_shape=tuple(run_cfg["latent_shape"]))
-    except (TypeError, InputError) as err:
-        raise InputError(where, f"saved config does not fit the diffusion model: {err}") from None
-
-
 def load_diffusion(checkpoint: str | Path, device: str | torch.device = "cpu") -> LoadedDiffusion:
     """The stage-2 model (EMA weights when present), its config and extra state."""
     kind, where = resolve_weights(checkpoint)
     meta, run_cfg = read_run(kind, where)
-    extra_path = (where / "extra.json" if meta.get("extra") else None) if kind == "export" else where / "extra.json"
     if meta.get("task") != TASK_NAME and meta.get("task_ref") != TASK_REF:
         raise InputError(where, f"is a checkpoint of task {meta.get('task')!r}, not of the diffusion model")
-    cfg = _build_config(run_cfg, where)
+    cfg = task_config(DiffusionTaskConfig, run_cfg, where)
+    if cfg.latent_shape is None:
+        raise InputError(where, "records no latent_shape in its config (not written by `xray2ct train diffusion`?)")
     state, weights = model_state(kind, where, "diffusion", meta if kind == "export" else None)
-    extra = _plain(_read_json(extra_path).get("state") or {}) if extra_path is not None and extra_path.is_file() else {}
+    extra = read_extra(kind, where, meta)
     if extra.get("latent_scale_factor") is None or not isinstance(extra.get("vqgan"), dict):
         raise InputError(where, "holds no latent scale factor / VQ-GAN reference (extra state); "
                                 "was it trained with `xray2ct train diffusion` on an encoded store?")

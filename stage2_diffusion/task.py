@@ -103,6 +103,14 @@ class DiffusionTaskConfig(Stage2Config):
                                           f"factor {f}")
 
 
+# The engine's `train.*` defaults per preset (the names of stage2_diffusion.config.PRESETS).
+TRAIN_DEFAULTS: dict[str, dict[str, Any]] = {
+    "cpu-demo": {"lr": 2e-4, "batch_size": 2, "num_workers": 1, "ema_decay": 0.99, "clip_grad": 1.0},
+    # LDM / MAISI diffusion UNets: AdamW ~1e-4, EMA 0.9999 (ours 0.999 for shorter runs).
+    "ctpa-512": {"lr": 1e-4, "batch_size": 1, "ema_decay": 0.999, "clip_grad": 1.0},
+}
+
+
 def task_config(name: str) -> DiffusionTaskConfig:
     """The preset's sections with ``latent_shape=None``: training reads it from the store
     (``--set latent_shape=X,Y,Z`` fixes it instead)."""
@@ -151,6 +159,9 @@ class DiffusionTask:
 
     name = "diffusion"
     ema_models = ("diffusion",)
+    # Exported as diffusers-style folders (launch/export.py): model name → {key prefix in its state
+    # dict: (folder, the Pretrained class, the config section that builds it)}.
+    networks = {"diffusion": {"encoder": ("xray_encoder", XrayEncoder, "encoder"), "unet": ("unet", LatentUNet3d, "unet")}}
 
     def __init__(self) -> None:
         self.cfg: Any = None
@@ -167,10 +178,7 @@ class DiffusionTask:
         return task_config(preset)
 
     def train_defaults(self, preset: str) -> dict[str, Any]:
-        if preset == "cpu-demo":
-            return {"lr": 2e-4, "batch_size": 2, "num_workers": 1, "ema_decay": 0.99, "clip_grad": 1.0}
-        # LDM / MAISI diffusion UNets: AdamW ~1e-4, EMA 0.9999 (ours 0.999 for shorter runs).
-        return {"lr": 1e-4, "batch_size": 1, "ema_decay": 0.999, "clip_grad": 1.0}
+        return dict(TRAIN_DEFAULTS[preset])
 
     def build_models(self, cfg) -> dict[str, nn.Module]:
         self.cfg = cfg

@@ -194,12 +194,12 @@ def sample_malformed_meta(work, base):
 def sample_export_file_outside(work, base):
     exp = work / "export"
     assert main(["export", "--checkpoint", str(base / "gan"), "--out", str(exp)]) == 0
-    shutil.move(exp / "generator.safetensors", work / "generator.safetensors")
+    shutil.move(exp / "generator", work / "generator")
     doc = json.loads((exp / "config.json").read_text())
-    doc["models"]["generator"]["file"] = "../generator.safetensors"
+    doc["models"]["generator"]["networks"][""] = "../generator"
     (exp / "config.json").write_text(json.dumps(doc))
     return ["sample", "--checkpoint", str(exp), "--pa", str(_pa(work, base)), "--out", str(work / "out")], \
-        f"{exp / 'config.json'}: models.generator.file '../generator.safetensors' is not a safe file name"
+        f"{exp / 'config.json'}: models.generator.networks.generator '../generator' is not a safe file name"
 
 
 def sample_no_such_cuda(work, base):

@@ -3,7 +3,7 @@
     loaded = load_denoiser("runs/cncl")                    # checkpoint, run dir or export
     out_hu = denoise_hu(loaded, hu, hu_window=(-1024, 1600))  # float32 HU, same shape
 
-Weights come through :mod:`patching.weights` (safetensors and JSON only; the EMA generator when
+Weights come through :mod:`patching.artifact` (safetensors and JSON only; the EMA generator when
 the run kept one), as for every sampler. The volume runs through the patch layer's sliding window
 (:func:`patching.stitch.sliding_window`): ``patch × patch × 1`` tiles (axial slices cut into the
 training crop size; CNCL is 2D), overlap ``overlap`` in-plane and none across slices, Gaussian
@@ -23,11 +23,11 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from patching.artifact import config_from_dict
+from patching.artifact import model_state, read_run, resolve_weights, task_config
+from patching.checks import resolve_device
 from patching.errors import InputError
 from patching.spec import AIR_HU, unit_to_hu
 from patching.stitch import sliding_window, window_to_unit
-from patching.weights import model_state, read_run, resolve_weights
 
 from .config import CNCLConfig
 from .model import CNCLGenerator
@@ -45,29 +45,21 @@ class LoadedDenoiser:
     source: Path
 
 
-def _config(data: dict, source: Path) -> CNCLConfig:
-    """The task's config from the saved run config (strict: :func:`patching.artifact.config_from_dict`);
-    the engine's ``train`` section is not the model's."""
-    if not isinstance(data, dict):
-        raise InputError(source, "run config is not a mapping")
-    return config_from_dict(CNCLConfig, {k: v for k, v in data.items() if k != "train"}, where=f"{source}: config")
-
-
-def load_denoiser(path: str | os.PathLike, device: str | torch.device = "cpu") -> LoadedDenoiser:
+def load_denoiser(path: str | os.PathLike, device: str | torch.device | None = "cpu") -> LoadedDenoiser:
     """The CNCL generator (EMA weights when present) of a checkpoint, run directory or export,
-    read through :mod:`patching.weights` (safetensors and validated JSON only)."""
+    read through :mod:`patching.artifact` (safetensors and validated JSON only)."""
     kind, where = resolve_weights(path)
     meta, run_cfg = read_run(kind, where)
     if meta.get("task") != "cncl" and meta.get("task_ref") != TASK_REF:
         raise InputError(where, f"is a checkpoint of task {meta.get('task')!r}, not cncl")
-    cfg = _config(run_cfg, where)
+    cfg = task_config(CNCLConfig, run_cfg, where)  # strict; the engine's train section is not the model's
     state, weights = model_state(kind, where, "generator", meta if kind == "export" else None)
     generator = CNCLGenerator(cfg.model)
     try:
         generator.load_state_dict(state)
     except RuntimeError as err:
         raise InputError(where, f"generator weights do not match the saved cncl config ({str(err).splitlines()[0]})") from None
-    generator.to(device).eval()
+    generator.to(resolve_device(device)).eval()  # a bad --device: one line, not a traceback
     return LoadedDenoiser(str(meta.get("preset", "")), int(meta.get("step", 0)), cfg, generator, weights, where)
 
 
@@ -92,9 +84,10 @@ def denoise_hu(loaded: LoadedDenoiser, hu: np.ndarray, hu_window: tuple[float, f
 
 def denoise_file(checkpoint: str | os.PathLike, source: str | os.PathLike, out: str | os.PathLike,
                  hu_window: tuple[float, float], *, dose: float | None = None, seed: int = 0,
-                 device: str | torch.device = "cpu", progress: bool = True) -> Path:
-    """Read a NIfTI CT, optionally simulate ``dose`` first (:mod:`patching.lowdose`, ``seed``),
-    denoise it and write it with the input's geometry (shape, affine, orientation)."""
+                 device: str | torch.device | None = None, progress: bool = True) -> Path:
+    """Read a NIfTI CT, optionally simulate ``dose`` first (:mod:`patching.lowdose`, ``seed``, with
+    the scanner the model was trained with: ``cfg.data``), denoise it and write it with the input's
+    geometry (shape, affine, orientation)."""
     from patching.ingest import load_nifti
     from patching.lowdose import check_dose, simulate_volume
     from patching.volume_io import check_nifti_out, write_nifti_like
@@ -105,7 +98,7 @@ def denoise_file(checkpoint: str | os.PathLike, source: str | os.PathLike, out: 
     loaded = load_denoiser(checkpoint, device)
     hu, spacing, _ = load_nifti(source)
     if dose is not None:
-        hu = simulate_volume(hu, spacing, dose, seed=seed, progress=progress)
+        hu = simulate_volume(hu, spacing, dose, seed=seed, scanner=loaded.cfg.data.scanner(), progress=progress)
     result = denoise_hu(loaded, hu, hu_window, progress=progress)
     path.parent.mkdir(parents=True, exist_ok=True)
     return write_nifti_like(path, result, Path(source))

@@ -47,6 +47,9 @@ class CNCLTask:
 
     name = "cncl"
     ema_models = ("generator",)
+    # Exported as diffusers-style folders (launch/export.py; see stage1_vqgan.task.VQGANTask.networks).
+    networks = {"generator": {"": ("generator", cncl.CNCLGenerator, "model")},
+                "discriminator": {"": ("discriminator", cncl.PatchDiscriminator2D, "model")}}
     num_val_cases = 2
     val_slices = 8
 

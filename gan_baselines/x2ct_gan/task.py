@@ -43,6 +43,12 @@ from .. import x2ct_gan
 from ..common import from_model_range, lr_factor, to_model_range
 from ..data import VolumeDataset, load_sample, psnr
 
+# The engine's `train.*` defaults per preset beyond the paper's rate and batch (X2CTGANTask.presets' names).
+TRAIN_DEFAULTS: dict[str, dict[str, Any]] = {
+    "cpu-demo": {"ema_decay": 0.99, "val_every": 100},  # a few hundred steps: a 0.999 EMA would still be near the init
+    "ctpa-512": {"grad_accum": 1, "val_every": 2000},  # the papers train with batch 1 and no accumulation
+}
+
 
 class X2CTGANTask:
     """X2CT-GAN (Ying et al., CVPR 2019): biplanar by default; ``--set model.views=pa`` for the
@@ -51,6 +57,9 @@ class X2CTGANTask:
 
     name = "x2ct-gan"
     ema_models = ("generator",)
+    # Exported as diffusers-style folders (launch/export.py): model name → {key prefix in its state
+    # dict: (folder, the Pretrained class, the config section that builds it)}.
+    networks = {"generator": {"": ("generator", x2ct_gan.X2CTGenerator, "model")}}
     module: types.ModuleType = x2ct_gan  # config presets, build, losses, condition
     num_val_cases = 4
 
@@ -73,12 +82,8 @@ class X2CTGANTask:
 
     def train_defaults(self, preset: str) -> dict[str, Any]:
         """The paper's optimiser rate and batch, no clipping; a short EMA for CPU demos."""
-        out: dict[str, Any] = {"lr": self.default_config(preset).optim.lr, "batch_size": 1, "clip_grad": 0.0}
-        if preset == "cpu-demo":  # a few hundred steps: a 0.999 EMA would still be near the init
-            out.update(ema_decay=0.99, val_every=100)
-        else:  # the papers train with batch 1 and no accumulation
-            out.update(grad_accum=1, val_every=2000)
-        return out
+        return {"lr": self.default_config(preset).optim.lr, "batch_size": 1, "clip_grad": 0.0,
+                **TRAIN_DEFAULTS[preset]}
 
     # --- models, optimisers, schedules -----------------------------------------------------------
 
@@ -140,8 +145,8 @@ class X2CTGANTask:
         cond = self.module.condition(xrays, cfg.model)
         d_loss = self.module.discriminator_loss(models["discriminator"], target, fake.detach(), cond)
         ctx.backward(d_loss, "discriminator")
-        return {"g_loss": g["total"].detach(), "g_recon": g["recon"].detach(), "g_proj": g["proj"].detach(),
-                "g_adv": g["adv"].detach(), "d_loss": d_loss.detach()}
+        terms = {f"g_{k}": v.detach() for k, v in g.items() if k != "total"}  # g_recon, g_proj, g_adv, ...
+        return {"g_loss": g["total"].detach(), **terms, "d_loss": d_loss.detach()}
 
     # --- validation ------------------------------------------------------------------------------
 

@@ -25,6 +25,7 @@ class XReconTask(X2CTGANTask):
 
     name = "x-recon"
     module: types.ModuleType = x_recon
+    networks = {"generator": {"": ("generator", x_recon.XReconGenerator, "model")}}
 
     def generator_losses(self, fake: Tensor, target: Tensor, xrays: dict[str, Tensor], ctx) -> dict[str, Tensor]:
         rng: torch.Generator = ctx.generator

@@ -244,6 +244,14 @@ def test_denoise_cli_keeps_the_geometry_of_any_volume(checkpoint, tmp_path, caps
     assert not np.array_equal(np.asarray(nib.load(out2).dataobj), np.asarray(img.dataobj))
 
 
+def test_denoise_volumes_smaller_than_the_tile(checkpoint):
+    loaded = load_denoiser(checkpoint)
+    hu = np.random.default_rng(1).normal(40, 20, (9, 11, 2)).astype(np.float32)
+    out = denoise_hu(loaded, hu, WINDOW)  # padded with air to the 16² tile, cropped back
+    assert out.shape == hu.shape and out.dtype == np.float32 and np.isfinite(out).all()
+    assert np.allclose(out[:, :, 1], denoise_hu(loaded, hu[:, :, 1:], WINDOW)[:, :, 0], atol=1e-3)  # slice by slice
+
+
 def test_lowdose_cli(tmp_path, capsys):
     src = tmp_path / "ct.nii.gz"
     affine = write_ct(src)
@@ -256,6 +264,10 @@ def test_lowdose_cli(tmp_path, capsys):
         outs[len(outs)] = np.asarray(img.dataobj).astype(float) - np.asarray(nib.load(src).dataobj)
     assert np.array_equal(outs[1], outs[2]) and not np.array_equal(outs[1], outs[3])  # seeded
     assert outs[1].std() > 1.5 * outs[0].std()  # quarter dose is noisier (≈2× in a uniform region)
+    more = tmp_path / "ld-photons.nii.gz"
+    assert cli(["data", "lowdose", "--input", str(src), "--out", str(more), "--dose", "0.25", "--photons", "4e5"]) == 0
+    diff = np.asarray(nib.load(more).dataobj).astype(float) - np.asarray(nib.load(src).dataobj)
+    assert diff.std() < 0.8 * outs[1].std()  # 4× the photons at quarter dose: about the full-dose noise
 
 
 def _bad(argv: list[str], capsys, match: str, out: Path) -> None:
@@ -275,12 +287,15 @@ def test_bad_inputs_are_one_line_exit_2_and_write_nothing(checkpoint, store, tmp
         (["data", "lowdose", "--input", str(corrupt), "--out", str(out), "--dose", "0.25"], "bad.nii.gz"),
         (["data", "lowdose", "--input", str(src), "--out", str(out), "--dose", "0"], "--dose"),
         (["data", "lowdose", "--input", str(src), "--out", str(out), "--dose", "nan"], "--dose"),
+        (["data", "lowdose", "--input", str(src), "--out", str(out), "--dose", "0.5", "--photons", "-3"], "--photons"),
         (["data", "lowdose", "--input", str(src), "--out", str(tmp_path / "o.png"), "--dose", "0.5"], ".nii"),
         (["denoise", "--checkpoint", str(checkpoint), "--input", str(corrupt), "--out", str(out)], "bad.nii.gz"),
         (["denoise", "--checkpoint", str(checkpoint), "--input", str(src), "--out", str(out), "--dose", "3"], "--dose"),
         (["denoise", "--checkpoint", str(tmp_path / "nowhere"), "--input", str(src), "--out", str(out)], "nowhere"),
         (["denoise", "--checkpoint", str(store), "--input", str(src), "--out", str(out)], "store.zarr"),
         (["denoise", "--checkpoint", str(checkpoint), "--input", str(src), "--out", str(tmp_path)], "directory"),
+        (["denoise", "--checkpoint", str(checkpoint), "--input", str(src), "--out", str(out), "--device", "gpu"],
+         "--device"),
     ]:
         _bad(argv, capsys, match, out)
     # a checkpoint of another task, and one whose config does not fit its weights

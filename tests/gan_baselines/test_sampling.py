@@ -23,6 +23,7 @@ from gan_baselines.sampling import (
 )
 from launch.export import main as export_main
 from launch.presets import data_spec
+from patching.artifact import WEIGHTS_NAME
 from patching.errors import InputError
 from patching.spec import VolumeSpec
 from patching.store import Store
@@ -145,7 +146,7 @@ def test_bad_input_is_one_line_errors(run, tmp_path):
     # weights that do not fit the saved config
     bad = tmp_path / "bad"
     shutil.copytree(run["root"] / "export", bad)
-    shutil.copyfile(bad / "discriminator.safetensors", bad / "generator.safetensors")
+    shutil.copyfile(bad / "discriminator.safetensors", bad / "generator" / WEIGHTS_NAME)
     with pytest.raises(InputError, match="generator weights do not match"):
         sample_gan(bad, run["pa"], run["lateral"], tmp_path / "o", spec)
     assert not (tmp_path / "o").exists()  # nothing written by a failed call

@@ -19,10 +19,10 @@ import torch
 
 from launch import checkpoint as ck
 from launch import state_io
+from patching.artifact import model_state, read_checkpoint_meta, resolve_weights
 from patching.checks import child_path, read_json_doc, safe_name
 from patching.errors import InputError, StorageError
 from patching.staging import host_id
-from patching.weights import model_state, read_checkpoint_meta, resolve_weights
 from tests.launch.toy_task import REPO, child_env
 
 TASK = "tests.launch.toy_task:ToyTask"

@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from launch.export import export_checkpoint
 from launch.train import main as train_main
+from patching.artifact import WEIGHTS_NAME
 from patching.errors import InputError
 from patching.spec import centred_affine
 from patching.store import Store
@@ -89,9 +90,9 @@ def test_stale_latents_are_reencoded_and_a_split_encodes_only_its_cases(trained,
 
 def _broken_export(trained, tmp_path: Path, edit) -> Path:
     out = Path(shutil.copytree(trained["export"], tmp_path / "broken"))
-    sd = load_file(out / "vqgan.safetensors")
+    sd = load_file(out / "vqgan" / WEIGHTS_NAME)
     edit(sd)
-    save_file(sd, str(out / "vqgan.safetensors"))
+    save_file(sd, str(out / "vqgan" / WEIGHTS_NAME))
     return out
 
 
