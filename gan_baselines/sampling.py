@@ -32,7 +32,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from patching.artifact import describe, model_state, read_extra, read_run, resolve_weights, task_config
+from patching.artifact import (
+    describe,
+    model_state,
+    read_extra,
+    read_run,
+    resolve_weights,
+    task_config,
+)
 from patching.checks import resolve_device
 from patching.errors import InputError
 from patching.reconstruct import Reconstructor, sample_files
