@@ -7,9 +7,10 @@
 
 Each ``--section TITLE=DIR`` becomes a section with the evaluation's own Markdown (its command
 line included) and its first comparison figure, copied to ``docs/images/results-<n>.png``.
-``--demo-json`` adds the demo's wall time per stage and training steps. ``--cncl-json
-benchmarks/results/cncl-cpu-demo-cpu.json`` adds CNCL's own table (low-dose CT denoising is not an
-X-ray → CT method, so it is not a row of ``evaluate``): :func:`cncl_section`.
+``--demo-json`` adds the demo's wall time per stage and training steps. CNCL's own table
+(:func:`cncl_section`; low-dose CT denoising is not an X-ray → CT method, so it is not a row of
+``evaluate``) comes from ``--cncl-json``, by default the recorded
+``benchmarks/results/cncl-cpu-demo-cpu.json``.
 """
 
 from __future__ import annotations
@@ -64,7 +65,8 @@ def main() -> int:
     p.add_argument("--made-by", action="append", default=[], metavar="CMD",
                    help="the command that produced each section's directory, in --section order")
     p.add_argument("--demo-json", type=Path, default=None)
-    p.add_argument("--cncl-json", type=Path, default=None, help="benchmarks/eval_cncl.py's results JSON")
+    p.add_argument("--cncl-json", type=Path, default=REPO / "benchmarks" / "results" / "cncl-cpu-demo-cpu.json",
+                   help="benchmarks/eval_cncl.py's results JSON (default: the recorded one, added when it exists)")
     p.add_argument("--out", type=Path, default=REPO / "docs" / "results.md")
     args = p.parse_args()
     images = args.out.parent / "images"
@@ -95,7 +97,7 @@ def main() -> int:
             parts.append(f"![{title}: {figs[0].stem}](images/{dst.name})\n\n"
                          f"*{figs[0].stem}: one row per method and the ground truth; axial, coronal, sagittal "
                          "slices and the PA DRR of each volume.*\n")
-    if args.cncl_json is not None:
+    if args.cncl_json is not None and args.cncl_json.is_file():
         parts.append(cncl_section(json.loads(args.cncl_json.read_text())))
     args.out.write_text("\n".join(parts))
     print(f"wrote {args.out}")

@@ -72,7 +72,7 @@ def main() -> int:
         # Cortical shells are 1-1.5 mm thick: at this grid they are mostly partial volume, as
         # in a thick-slice scan. Measure them also on a 0.5 mm grid around the spine (what a
         # thin-slice bone kernel shows), with the same blur and noise.
-        bone = np.argwhere((ph.tissue == TISSUE_CLASSES["cancellous_bone"]))
+        bone = np.argwhere(ph.tissue == TISSUE_CLASSES["cancellous_bone"])
         ax = [(np.arange(n) - (n - 1) / 2.0) * s for n, s in zip(ph.hu.shape, ph.spacing_mm,
                                                                  strict=True)]
         mid = bone[np.abs(ax[0][bone[:, 0]]) < 15.0]

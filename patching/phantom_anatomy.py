@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .phantom_body import BodyShape, smoothstep
+from .phantom_body import BodyShape
 from .phantom_trees import Attractors, grow_tree, sample_inside
 
 
@@ -114,9 +114,11 @@ class Chest(BodyShape):
 
     # ----------------------------------------------------------------- diaphragm
     def dome(self, x, y):
-        """Height of the diaphragm: two paraboloid domes, the right one higher (liver)."""
+        """Height of the diaphragm: two paraboloid domes, the right one higher (liver); they
+        fall off gently anteriorly (the xiphoid level) and steeply posteriorly, where the
+        costophrenic recesses reach lowest."""
         yd = self.yc - 10.0
-        ry = ((y - yd) * (1.0 / self.dome_w)) ** 2
+        ry = ((y - yd) * np.where(y > yd, 0.6 / self.dome_w, 1.0 / self.dome_w)) ** 2
         right = self.z_dome_r - self.dome_k * (((x - self.dome_x) * (1.0 / self.dome_w)) ** 2 + ry)
         left = self.z_dome_l - self.dome_k * (((x + self.dome_x) * (1.0 / self.dome_w)) ** 2 + ry)
         return np.maximum(np.maximum(right, left), self.z_dome_r - 115.0)

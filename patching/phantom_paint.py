@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .phantom_anatomy import Chest, catmull_rom, polyline_segments, smoothstep
+from .phantom_anatomy import Chest, catmull_rom, polyline_segments
+from .phantom_body import smoothstep
 from .phantom_render import (
     Canvas,
     SmoothNoise,

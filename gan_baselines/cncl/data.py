@@ -77,7 +77,7 @@ class LowDoseSliceDataset(IterableDataset):
         self.tiles = TileDataset(path, split=split, tile=tile, hu_window=(-1024.0, 4000.0), overlap=0.0,
                                  mode="grid", shuffle=True, even_shards=True, seed=seed, rank=rank,
                                  world_size=world_size, batch_size=batch_size, num_workers=num_workers,
-                                 views=("pa",), cache_mb=0)
+                                 views=("pa",))
         self.read_window = self.tiles.hu_window  # a wide window: the physics sees (almost) raw HU
         self.patch, self.dose, self.scanner = int(patch), float(dose), scanner
         self.hu_window = (float(hu_window[0]), float(hu_window[1]))

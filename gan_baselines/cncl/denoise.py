@@ -23,7 +23,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from patching.artifact import config_from_dict, model_state, read_run, resolve_weights
+from patching.artifact import model_state, read_run, resolve_weights, task_config
 from patching.checks import resolve_device
 from patching.errors import InputError
 from patching.spec import AIR_HU, unit_to_hu
@@ -45,14 +45,6 @@ class LoadedDenoiser:
     source: Path
 
 
-def _config(data: dict, source: Path) -> CNCLConfig:
-    """The task's config from the saved run config (strict: :func:`patching.artifact.config_from_dict`);
-    the engine's ``train`` section is not the model's."""
-    if not isinstance(data, dict):
-        raise InputError(source, "run config is not a mapping")
-    return config_from_dict(CNCLConfig, {k: v for k, v in data.items() if k != "train"}, where=f"{source}: config")
-
-
 def load_denoiser(path: str | os.PathLike, device: str | torch.device | None = "cpu") -> LoadedDenoiser:
     """The CNCL generator (EMA weights when present) of a checkpoint, run directory or export,
     read through :mod:`patching.artifact` (safetensors and validated JSON only)."""
@@ -60,7 +52,7 @@ def load_denoiser(path: str | os.PathLike, device: str | torch.device | None = "
     meta, run_cfg = read_run(kind, where)
     if meta.get("task") != "cncl" and meta.get("task_ref") != TASK_REF:
         raise InputError(where, f"is a checkpoint of task {meta.get('task')!r}, not cncl")
-    cfg = _config(run_cfg, where)
+    cfg = task_config(CNCLConfig, run_cfg, where)  # strict; the engine's train section is not the model's
     state, weights = model_state(kind, where, "generator", meta if kind == "export" else None)
     generator = CNCLGenerator(cfg.model)
     try:

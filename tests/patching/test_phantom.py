@@ -258,7 +258,7 @@ def test_cross_section_changes_along_z(clean):
         lz = z[np.nonzero(lung)[2]]
         top, bottom = lz.max(), ph.labels["anatomy"]["right_dome_z_mm"]
 
-        def lung_width(level):
+        def lung_width(level, x=x, z=z, lung=lung):
             k = int(np.argmin(np.abs(z - level)))
             xs = x[np.nonzero(lung[:, :, k])[0]]
             return xs.max() - xs.min()
