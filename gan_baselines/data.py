@@ -84,6 +84,23 @@ def load_sample(case: Case, *, volume_size: int, xray_size: int, views: Sequence
             "case_id": case.case_id}
 
 
+def mean_volume(store: Store | str, split: str | None, size: int, hu_window: tuple[float, float], *,
+                progress: bool = True) -> Tensor:
+    """The voxel-wise mean of a split's CTs as the models see them: ``size³`` float32 in [-1, 1]
+    (each case windowed and resampled by :func:`case_volume`, summed in float64 in the store's
+    order, one case in memory at a time). S-XR2CT's template CT starts from it."""
+    from tqdm.auto import tqdm
+
+    opened = store if isinstance(store, Store) else Store(store)
+    ids = opened.case_ids(split)
+    if not ids:
+        raise InputError(opened.path, f"no complete cases in split {split!r} to average")
+    total = torch.zeros((size, size, size), dtype=torch.float64)
+    for cid in tqdm(ids, desc="mean volume", unit="case", disable=not progress):
+        total += case_volume(opened.case(cid), size, hu_window)[0].double()
+    return (total / len(ids)).float()
+
+
 def epoch_order(num_cases: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
     """Case indices in stream order for one epoch (pure function of its arguments)."""
     if not shuffle:

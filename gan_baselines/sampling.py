@@ -32,15 +32,17 @@ from patching.reconstruct import Reconstructor, sample_files
 from patching.spec import VolumeSpec, data_spec
 from patching.xray_io import resize_xray
 
-from . import x2ct_gan, x_recon
+from . import s_xr2ct, x2ct_gan, x_recon
 from .common import from_model_range
 
 # task name → (config class, generator class)
 GAN_TASKS: dict[str, tuple[type, type]] = {
     "x2ct-gan": (x2ct_gan.X2CTGANConfig, x2ct_gan.X2CTGenerator),
     "x-recon": (x_recon.XReconConfig, x_recon.XReconGenerator),
+    "s-xr2ct": (s_xr2ct.SXR2CTConfig, s_xr2ct.SXR2CTGenerator),
 }
-_TASK_REFS = {"gan_baselines.x2ct_gan.task:X2CTGANTask": "x2ct-gan", "gan_baselines.x_recon.task:XReconTask": "x-recon"}
+_TASK_REFS = {"gan_baselines.x2ct_gan.task:X2CTGANTask": "x2ct-gan", "gan_baselines.x_recon.task:XReconTask": "x-recon",
+              "gan_baselines.s_xr2ct.task:SXR2CTTask": "s-xr2ct"}
 
 
 @dataclass

@@ -9,6 +9,7 @@ long version, a GAN example and the DDP rules)::
     default_config(preset: str) -> dataclass      # defaults for every field; sections nested;
                                                   # no `train` field (the engine adds it)
     train_defaults(preset: str) -> dict           # optional: TrainConfig fields to change
+    prepare(cfg, store, preset) -> None           # optional: read the store before build_models
     build_models(cfg) -> dict[str, nn.Module]
     build_optimizers(cfg, models) -> dict[str, Optimizer]   # one model per optimizer; a model
                                                   # without one is frozen (never DDP/FSDP-wrapped)
@@ -120,6 +121,9 @@ class Trainer:
         # Resolve --resume before any work, so a bad path fails fast on every rank.
         self.resume_from = ck.resolve_resume(self.output_dir, resume)
 
+        prepare = getattr(task, "prepare", None)
+        if prepare is not None:  # optional: what the models need from the store (S-XR2CT's template CT)
+            prepare(cfg, store, data_spec)
         # Same initialisation on every rank (DDP would broadcast anyway; FSDP shards need it).
         _seed_all(tc.seed)
         models = dict(task.build_models(cfg))

@@ -203,7 +203,7 @@ def _run_method(m: Method, case: Case, ctx: Mapping, fig: list | None, *, seed: 
         if k > 1:
             outs.append((f"{m.name}-mean{k}", (total / k).astype(np.float32), dt, k))
         for row, vol, secs, n in outs:
-            rec = {"case_id": case.case_id, "method": row, "kind": m.kind, "samples": n,
+            rec = {"case_id": case.case_id, "method": row, "kind": m.kind, "views": "+".join(m.views), "samples": n,
                    "resampled": m.resampled(case), "has_embolus": ctx["embolus"] is not None,
                    **score(vol, ctx, lpips_net), "seconds": secs, "_base": m.name}
             records.append(rec)

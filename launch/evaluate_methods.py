@@ -48,6 +48,7 @@ class Method(abc.ABC):
     stochastic: bool = False
     source: str = ""
     info: dict
+    views: tuple[str, ...] = ()  # the X-ray views the method reconstructs from (none: a baseline)
 
     @abc.abstractmethod
     def reconstruct(self, case: Case, *, seed: int = 0, num_samples: int = 1) -> np.ndarray:
@@ -72,6 +73,7 @@ class ReconstructorMethod(Method):
         self.name, self.source = name, str(path)
         self.rec = load_reconstructor(path, device=device, steps=steps, guidance=guidance)
         self.kind, self.stochastic, self.grid = self.rec.task, self.rec.stochastic, tuple(self.rec.grid)
+        self.views = tuple(self.rec.views)
         self.info = {**self.rec.info(), "kind": self.kind, "source": self.source, "resolved": str(self.rec.source)}
         self.info.pop("task", None)
 

@@ -37,7 +37,7 @@ METRICS: tuple[tuple[str, str, str, int], ...] = (
     ("seconds", "s / recon.", "min", 3),
 )
 METRIC_KEYS = tuple(m[0] for m in METRICS)
-CASE_COLUMNS = ("case_id", "method", "kind", "samples", "resampled", "has_embolus")
+CASE_COLUMNS = ("case_id", "method", "kind", "views", "samples", "resampled", "has_embolus")
 BOOTSTRAP = {"num": 1000, "alpha": 0.05, "seed": 0}
 
 
@@ -52,7 +52,8 @@ def summarize(records: Sequence[Mapping], rows: Sequence[str]) -> list[dict]:
     out = []
     for row in rows:
         mine = [r for r in records if r["method"] == row]
-        entry = {"method": row, "kind": mine[0]["kind"] if mine else "", "n": len(mine), "metrics": {}}
+        entry = {"method": row, "kind": mine[0]["kind"] if mine else "", "views": mine[0].get("views", "") if mine else "",
+                 "n": len(mine), "metrics": {}}
         for key in METRIC_KEYS:
             values = [float(r[key]) for r in mine if r.get(key) is not None]
             if not values:
@@ -66,6 +67,17 @@ def summarize(records: Sequence[Mapping], rows: Sequence[str]) -> list[dict]:
             entry["metrics"][key] = stat
         out.append(entry)
     return out
+
+
+def views_label(views) -> str:
+    """How a row's input views are shown: ``PA + lateral``, ``PA only (single view)``, ``—``."""
+    names = {"pa": "PA", "lateral": "lateral"}
+    views = [v for v in str(views).split("+") if v] if isinstance(views, str) else list(views)
+    if not views:
+        return "—"
+    if len(views) == 1:
+        return f"{names.get(views[0], views[0])} only (single view)"
+    return " + ".join(names.get(v, v) for v in views)
 
 
 def _best(summary: Sequence[Mapping]) -> dict[str, float]:
@@ -130,12 +142,12 @@ def per_case_csv(records: Sequence[Mapping]) -> str:
 def summary_csv(summary: Sequence[Mapping]) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["method", "kind", "metric", "n", "mean", "ci_lo", "ci_hi"])
+    w.writerow(["method", "kind", "views", "metric", "n", "mean", "ci_lo", "ci_hi"])
     for s in summary:
         for key in METRIC_KEYS:
             st = s["metrics"].get(key)
             if st is not None:
-                w.writerow([s["method"], s["kind"], key, st["n"], _csv_value(st["mean"]), _csv_value(st["lo"]),
+                w.writerow([s["method"], s["kind"], s.get("views", ""), key, st["n"], _csv_value(st["mean"]), _csv_value(st["lo"]),
                             _csv_value(st["hi"])])
     return buf.getvalue()
 
@@ -150,8 +162,8 @@ def summary_md(results: Mapping) -> str:
     lines = [f"# Evaluation — `{s['store']}`, split `{s['split']}`, {n} case{'' if n == 1 else 's'}", "",
              "```", results["command"], "```", ""]
     if summary:
-        lines.append("| method | kind | n | " + " | ".join(label for _, label, _, _ in shown) + " |")
-        lines.append("|---|---|---:|" + "---:|" * len(shown))
+        lines.append("| method | kind | input views | n | " + " | ".join(label for _, label, _, _ in shown) + " |")
+        lines.append("|---|---|---|---:|" + "---:|" * len(shown))
         for row in summary:
             cells = []
             for key, _, _, digits in shown:
@@ -160,7 +172,8 @@ def summary_md(results: Mapping) -> str:
                 if stat is not None and best.get(key) == stat["mean"] and len(summary) > 1:
                     text = f"**{text}**"
                 cells.append(text)
-            lines.append(f"| {row['method']} | {row['kind']} | {row['n']} | " + " | ".join(cells) + " |")
+            lines.append(f"| {row['method']} | {row['kind']} | {views_label(row.get('views', ''))} | {row['n']} | "
+                         + " | ".join(cells) + " |")
     else:
         lines.append("**No method produced results.**")
     lines += ["", "Cells: mean over cases [percentile-bootstrap 95 % interval of the mean, 1000 resamples of "

@@ -28,7 +28,13 @@ def ctpa_512_train() -> TrainConfig:
                        ckpt_every=2000, keep_last=3)
 
 
-TRAIN_PRESETS = {"cpu-demo": cpu_demo_train, "ctpa-512": ctpa_512_train}
+def s_xr2ct_128_train() -> TrainConfig:
+    # GPUs: one 128³ volume per process per step (the papers' batch of 1), no accumulation.
+    return TrainConfig(max_steps=100_000, batch_size=1, grad_accum=1, num_workers=4, log_every=50,
+                       ckpt_every=2000, keep_last=3)
+
+
+TRAIN_PRESETS = {"cpu-demo": cpu_demo_train, "ctpa-512": ctpa_512_train, "s-xr2ct-128": s_xr2ct_128_train}
 
 
 def train_spec(name: str) -> TrainConfig:

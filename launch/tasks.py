@@ -20,6 +20,7 @@ TASKS: dict[str, str] = {
     "diffusion": "stage2_diffusion.task:DiffusionTask",
     "x2ct-gan": "gan_baselines.x2ct_gan.task:X2CTGANTask",
     "x-recon": "gan_baselines.x_recon.task:XReconTask",
+    "s-xr2ct": "gan_baselines.s_xr2ct.task:SXR2CTTask",
     "cncl": "gan_baselines.cncl.task:CNCLTask",
 }
 
@@ -30,6 +31,7 @@ RECONSTRUCTORS: dict[str, str] = {
     "diffusion": "stage2_diffusion.pipeline:DiffusionReconstructor",
     "x2ct-gan": "gan_baselines.sampling:GanReconstructor",
     "x-recon": "gan_baselines.sampling:GanReconstructor",
+    "s-xr2ct": "gan_baselines.sampling:GanReconstructor",
 }
 
 REQUIRED = ("default_config", "build_models", "build_optimizers", "build_dataset", "train_step")

@@ -91,7 +91,13 @@ def ctpa_512_data() -> VolumeSpec:
     return VolumeSpec(shape=(512, 512, 604), spacing_mm=(0.7, 0.7, 0.6), hu_window=(-1024.0, 1600.0))
 
 
-DATA_PRESETS = {"cpu-demo": cpu_demo_data, "ctpa-512": ctpa_512_data}
+def s_xr2ct_128_data() -> VolumeSpec:
+    # S-XR2CT's / X2CT-GAN's LIDC protocol: CTs resampled to 1 mm and cropped to 320³; the models
+    # work at 128³ (2.5 mm voxels) from 128² X-rays.
+    return VolumeSpec(shape=(320, 320, 320), spacing_mm=(1.0, 1.0, 1.0), hu_window=(-1024.0, 1600.0))
+
+
+DATA_PRESETS = {"cpu-demo": cpu_demo_data, "ctpa-512": ctpa_512_data, "s-xr2ct-128": s_xr2ct_128_data}
 
 
 def data_spec(name: str) -> VolumeSpec:

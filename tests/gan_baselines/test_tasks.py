@@ -22,7 +22,6 @@ from launch.train import build_run_config
 from patching.errors import InputError
 from patching.spec import VolumeSpec, hu_to_unit
 from patching.store import Store
-from patching.synth_store import synthesize
 from tests.launch.toy_task import REPO, child_env, free_port, metrics
 
 WINDOW = (-1024.0, 1600.0)
@@ -31,23 +30,6 @@ TINY = ("model.xray_size=32", "model.volume_size=16", "model.stem_channels=8", "
         "model.bottleneck_factor=2", "model.num_dense_layers=1,1,1", "model.decoder_channels=4,8,8",
         "model.num_branch_convs=1,1,0", "model.num_fusion_convs=0,1,0", "model.d_channels=4")
 RUN = ("train.log_every=1", "train.num_workers=0", "train.val_every=0", "train.keep_last=10")
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory) -> Path:
-    """6 phantoms of 32³ with 64² PA and lateral DRRs: 4 train, 1 val, 1 test."""
-    path = tmp_path_factory.mktemp("gan") / "store.zarr"
-    synthesize(Store(path, create=True), 6, (32, 32, 32), xray_size=64, workers=1, progress=False)
-    return path
-
-
-@pytest.fixture
-def in_process():
-    from accelerate.state import AcceleratorState, GradientState
-
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
 
 
 def train(task: str, store: Path, out: Path, steps: int, *sets: str, resume: str | None = None) -> None:

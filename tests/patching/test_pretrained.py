@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def _networks():
     """``name -> (class path, model, inputs)``; weights perturbed so no zero-init layer hides a bug."""
-    from gan_baselines import cncl, x_recon
+    from gan_baselines import cncl, s_xr2ct, x_recon
     from gan_baselines.x2ct_gan import cpu_demo as x2ct_cpu_demo
     from gan_baselines.x2ct_gan.model import X2CTGenerator
     from gan_baselines.x_recon.model import XReconGenerator
@@ -35,7 +35,7 @@ def _networks():
 
     g = torch.Generator().manual_seed(0)
     s2 = preset("cpu-demo")
-    xg, xr = x2ct_cpu_demo().model, x_recon.cpu_demo().model
+    xg, xr, sx = x2ct_cpu_demo().model, x_recon.cpu_demo().model, s_xr2ct.cpu_demo().model
     enc = s2.encoder
     tokens = torch.randn(1, enc.num_tokens, enc.token_dim, generator=g)
     nets = {
@@ -51,6 +51,8 @@ def _networks():
                            {v: torch.rand(1, 1, xg.xray_size, xg.xray_size, generator=g) for v in xg.views}),
         "xrecon_generator": ("gan_baselines.x_recon.model:XReconGenerator", XReconGenerator(xr),
                              {v: torch.rand(1, 1, xr.xray_size, xr.xray_size, generator=g) for v in xr.views}),
+        "sxr2ct_generator": ("gan_baselines.s_xr2ct.model:SXR2CTGenerator", s_xr2ct.SXR2CTGenerator(sx),
+                             {"pa": torch.rand(1, 1, sx.xray_size, sx.xray_size, generator=g)}),  # template perturbed too
         "cncl_generator": ("gan_baselines.cncl.model:CNCLGenerator", cncl.CNCLGenerator(cncl.cpu_demo().model),
                            {"x": torch.rand(1, 1, 32, 32, generator=g) * 2 - 1}),
     }
