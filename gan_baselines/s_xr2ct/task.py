@@ -34,6 +34,7 @@ class SXR2CTTask(X2CTGANTask):
 
     name = "s-xr2ct"
     module: types.ModuleType = s_xr2ct
+    networks = {"generator": {"": ("generator", s_xr2ct.SXR2CTGenerator, "model")}}  # exported as a folder
     train_presets = {"cpu-demo": TRAIN_DEFAULTS["cpu-demo"], "s-xr2ct-128": TRAIN_DEFAULTS["ctpa-512"]}
 
     def __init__(self) -> None:
