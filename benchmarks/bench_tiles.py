@@ -9,6 +9,8 @@ On a 512×512×604 int16 chest phantom, tiles 256×256×128 at overlap 0.25:
 * DataLoader throughput, 2 workers vs 0 workers (tiles/s).
 
 Run: ``.venv/bin/python benchmarks/bench_tiles.py`` (about a minute after the phantom is cached).
+The full pass against the nibabel load, interleaved with the baseline and in its own process, is
+also measured by ``benchmarks/bench_stitch.py`` (the figure the docs quote).
 Each float tile is 32 MiB, above glibc's largest automatic mmap threshold, so every tile is a
 fresh mmap and pays its page faults; with ``MALLOC_MMAP_THRESHOLD_=2000000000
 MALLOC_TRIM_THRESHOLD_=4000000000`` in the environment freed tiles are reused (the figures are

@@ -3,22 +3,16 @@
     rec = GanReconstructor.from_path("runs/x2ct/checkpoints/latest")
     hu = rec.reconstruct({"pa": pa, "lateral": lateral})   # (1, X, Y, Z) int16 HU, the training cases' grid
 
-Weights come from a training checkpoint (``D/checkpoints/step-N``, the ``latest`` pointer file,
-``D/checkpoints`` or the run directory ``D``: its newest checkpoint) or from an ``xray2ct export``
-directory (``<model>.safetensors`` + ``config.json``). They are read with ``safetensors`` and
-JSON only — nothing is unpickled — and the generator's EMA weights are used when the run kept
-them (``ema/generator.safetensors``; an export's ``generator.safetensors`` already holds them).
-The layouts are those written by ``launch/checkpoint.py`` and ``launch/export.py``; this module
-reads them without importing ``launch`` (stage packages never do).
+Weights come from any weights path (a run directory, ``checkpoints/``, ``latest``, ``step-N`` or
+an ``xray2ct export``), read through :mod:`patching.artifact` (safetensors and JSON only; the
+generator's EMA weights when the run kept them; stage packages never import ``launch``).
 
-Pipeline: X-rays read with :func:`patching.xray_io.read_xray` (PNG, JPEG, DICOM, ``.npy``) and
-resized to the model's X-ray size → generator → the model's [0, 1] back to the project's
+Pipeline (:class:`GanReconstructor`, the method's :class:`patching.reconstruct.Reconstructor`):
+X-rays resized to the model's X-ray size → generator → the model's [0, 1] back to the project's
 [-1, 1] → HU by the training window → trilinear (``align_corners=False``) from the model's cube
 to the full shape of the training cases (recorded in the checkpoint's extra state by the task;
-older checkpoints: the preset's) → int16 HU, written as NIfTI (``volume.nii.gz``; a centred RAS+
-affine of the training cases' spacing, which nibabel reads back), as a Zarr v3 array
-(``volume.zarr``, same chunks and codec as the store) and as a tri-planar PNG with the input
-X-rays (``preview.png``). Every file is written aside and renamed into place.
+older checkpoints: the preset's; or the shape asked for) → int16 HU; files are written by
+:func:`patching.reconstruct.sample_files`.
 """
 
 from __future__ import annotations

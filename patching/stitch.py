@@ -38,6 +38,7 @@ from .blend import BlendWeights, blend_weights
 from .errors import InputError
 from .stitch_geometry import _Geometry
 from .stitch_input import Feeder, TileReader
+from .zarr_direct import region_writer
 
 _CHUNK_ELEMS = 1 << 21  # voxels normalised per step when planes are finished (~8 MB of float32)
 
@@ -296,6 +297,7 @@ class _Accumulator:
         self._pending = None  # out of core: (normalisation in flight, upto), not yet written
         self._copy = None  # out of core: finished planes being written
         self._write_job = None
+        self._direct_write = None if out is None else region_writer(out)  # patching.zarr_direct
 
     def _along(self, sl: slice, lead: int = 1) -> tuple[slice, ...]:
         """Index selecting ``sl`` along the slab axis (after ``lead`` leading axes)."""
@@ -403,7 +405,12 @@ class _Accumulator:
             key, data = self._along(slice(x0, x1), lead=0), data[0]
         else:
             key = self._along(slice(x0, x1))
-        self.out[key] = data if isinstance(self.out, torch.Tensor) else data.numpy()
+        if isinstance(self.out, torch.Tensor):
+            self.out[key] = data
+        elif self._direct_write is not None:  # an uncompressed local Zarr 3 array: chunk files directly
+            self._direct_write(key, data.numpy())
+        else:
+            self.out[key] = data.numpy()
 
     def _slide(self, new_base: int) -> None:
         """Move the planes from ``new_base`` on to the front of ``buf`` without a full-size temporary."""

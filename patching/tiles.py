@@ -38,10 +38,12 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from . import hugepages
 from .errors import InputError
 from .grid import tile_starts
 from .spec import AIR_HU
 from .store import Store
+from .zarr_direct import chunk_reader
 
 VIEW_ORDER = ("pa", "lateral")
 
@@ -111,6 +113,7 @@ class DecodedChunkCache:
         self.max_bytes = int(max_bytes)
         self.bytes = 0
         self._data: OrderedDict[tuple, np.ndarray] = OrderedDict()
+        self._readers: dict = {}  # key -> patching.zarr_direct.chunk_reader of its array (or None)
 
     def read(self, key, arr, start: Sequence[int], stop: Sequence[int], out: np.ndarray | None = None) -> np.ndarray:
         """``arr[start:stop]`` (per axis, inside the array) assembled from cached chunks, into
@@ -127,7 +130,15 @@ class DecodedChunkCache:
             out = np.empty([b - a for a, b in zip(start, stop)], dtype=arr.dtype)
         ranges = [range(a // c, (b - 1) // c + 1) for a, b, c in zip(start, stop, chunks)]
         missing = [idx for idx in itertools.product(*ranges) if (key, *idx) not in self._data]
-        if missing:
+        if key not in self._readers:
+            self._readers[key] = chunk_reader(arr)  # None: read through Zarr
+        reader = self._readers[key]
+        if missing and reader is not None:  # the store's layout: each chunk decoded on its own, no copy
+            for idx in missing:
+                block = reader(idx)
+                self._data[(key, *idx)] = block
+                self.bytes += block.nbytes
+        elif missing:
             # One Zarr call for the bounding box of the missing chunks: Zarr decodes the chunks of
             # one call concurrently, while a call per chunk costs ~2 ms of overhead each.
             lo_idx = [min(m[a] for m in missing) for a in range(len(chunks))]
@@ -274,12 +285,13 @@ class TileDataset(IterableDataset):
             self._arrays[ci] = case.ct
         stop = [min(s + t, n) for s, t, n in zip(start, self.tile, case.shape)]
         lo, hi = self.hu_window
-        out = torch.empty(self.tile, dtype=torch.float32)
+        out = hugepages.empty(self.tile)  # a fresh 32 MiB tile: 2 MiB pages fault in ~2× cheaper
         if tuple(b - a for a, b in zip(start, stop)) != self.tile:
             out.fill_(AIR_HU)
         self.chunk_cache.read(ci, self._arrays[ci], start, stop, out=out.numpy())
         scale = 2.0 / (hi - lo)
-        out.mul_(scale).add_(-1.0 - lo * scale)
+        # offset + scale · x in one pass (mul_ then add_ is two)
+        torch.add(torch.tensor(-1.0 - lo * scale, dtype=torch.float32), out, alpha=scale, out=out)
         if not (lo <= case.attrs.get("hu_min", lo - 1) and case.attrs.get("hu_max", hi + 1) <= hi and AIR_HU >= lo):
             out.clamp_(-1.0, 1.0)
         return out

@@ -234,33 +234,9 @@ def sample_diffusion(checkpoint: str | Path, pa: str | Path | None, lateral: str
                      steps: int | None = None, guidance: float | None = None, num_samples: int = 1, seed: int = 0,
                      device: str | torch.device | None = None, progress: bool = True,
                      vqgan: str | Path | None = None, windowed: bool = False) -> dict[str, Path]:
-    """Sample ``num_samples`` CT volumes for one pair of X-rays and write them into ``out``.
-
-    Args:
-        checkpoint: a diffusion checkpoint directory, the ``latest`` file, ``D/checkpoints``, a
-            run directory or an ``xray2ct export`` directory.
-        pa, lateral: X-ray files (PNG, JPEG, DICOM, ``.npy``); at least one.
-        out: output directory (created).
-        steps, guidance: sampler steps and CFG scale (default: the checkpoint's config).
-        num_samples: K ≥ 1; K > 1 also writes ``sample-00k.nii.gz``, ``mean.nii.gz``, ``std.nii.gz``.
-        seed: seed of the CPU generator that draws every sample's initial noise.
-        device: where the models run (default: CUDA when available, else CPU).
-        progress: tqdm bars.
-        vqgan: the VQ-GAN's checkpoint/export when it moved (default: the path recorded in the
-            checkpoint); its weights must have the recorded sha256.
-        windowed: denoise in the config's ``sampler.fallback_window`` windows.
-
-    Returns:
-        ``{"nifti", "zarr", "preview"}`` of sample 0, ``"sample_k"`` (k ≥ 1), ``"mean"``, ``"std"``
-        (K > 1), and ``"metadata"`` (``sample.json``: settings, VQ-GAN reference, timings,
-        ``peak_rss_mb``).
-
-    Raises:
-        InputError: bad checkpoint, missing X-rays, a VQ-GAN whose sha256 differs from the one
-            the model was trained on, bad ``steps``/``guidance``/``num_samples``.
-    """
-    if pa is None and lateral is None:  # before the models load
-        raise InputError("--pa", "give at least one X-ray (--pa, and --lateral for biplanar input)")
+    """:func:`patching.reconstruct.sample_files` with a :class:`DiffusionReconstructor` (``vqgan``:
+    the VQ-GAN's weights when they moved; they must have the recorded sha256; ``windowed``: the
+    config's ``sampler.fallback_window``)."""
     rec = DiffusionReconstructor(checkpoint, device=device, vqgan=vqgan, steps=steps, guidance=guidance,
                                  progress=progress)
     if windowed:

@@ -57,6 +57,7 @@ class X2CTGANTask:
 
     name = "x2ct-gan"
     ema_models = ("generator",)
+    train_presets: dict[str, dict[str, Any]] = TRAIN_DEFAULTS  # keyed like presets()
     # Exported as diffusers-style folders (launch/export.py): model name → {key prefix in its state
     # dict: (folder, the Pretrained class, the config section that builds it)}.
     networks = {"generator": {"": ("generator", x2ct_gan.X2CTGenerator, "model")}}
@@ -83,7 +84,7 @@ class X2CTGANTask:
     def train_defaults(self, preset: str) -> dict[str, Any]:
         """The paper's optimiser rate and batch, no clipping; a short EMA for CPU demos."""
         return {"lr": self.default_config(preset).optim.lr, "batch_size": 1, "clip_grad": 0.0,
-                **TRAIN_DEFAULTS[preset]}
+                **self.train_presets[preset]}
 
     # --- models, optimisers, schedules -----------------------------------------------------------
 
