@@ -1,23 +1,18 @@
 """Reconstruct a CT from X-ray files with a trained X2CT-GAN or X-Recon generator.
 
     rec = GanReconstructor.from_path("runs/x2ct/checkpoints/latest")
-    hu = rec.reconstruct({"pa": pa, "lateral": lateral})   # (1, X, Y, Z) int16 HU, the preset's grid
+    hu = rec.reconstruct({"pa": pa, "lateral": lateral})   # (1, X, Y, Z) int16 HU, the training cases' grid
 
-Weights come from a training checkpoint (``D/checkpoints/step-N``, the ``latest`` pointer file,
-``D/checkpoints`` or the run directory ``D``: its newest checkpoint) or from an ``xray2ct export``
-directory (``<model>.safetensors`` + ``config.json``). They are read with ``safetensors`` and
-JSON only — nothing is unpickled — and the generator's EMA weights are used when the run kept
-them (``ema/generator.safetensors``; an export's ``generator.safetensors`` already holds them).
-The layouts are those written by ``launch/checkpoint.py`` and ``launch/export.py``; this module
-reads them without importing ``launch`` (stage packages never do).
+Weights come from any weights path (a run directory, ``checkpoints/``, ``latest``, ``step-N`` or
+an ``xray2ct export``), read through :mod:`patching.artifact` (safetensors and JSON only; the
+generator's EMA weights when the run kept them; stage packages never import ``launch``).
 
-Pipeline: X-rays read with :func:`patching.xray_io.read_xray` (PNG, JPEG, DICOM, ``.npy``) and
-resized to the model's X-ray size → generator → the model's [0, 1] back to the project's
-[-1, 1] → HU by the preset's window → trilinear (``align_corners=False``) from the model's cube
-to the preset's full shape → int16 HU, written as NIfTI (``volume.nii.gz``; the preset's RAS+
-affine, volume centred on the origin, so nibabel reads the preset's spacing), as a Zarr v3 array
-(``volume.zarr``, same chunks and codec as the store) and as a tri-planar PNG with the input
-X-rays (``preview.png``). Every file is written aside and renamed into place.
+Pipeline (:class:`GanReconstructor`, the method's :class:`patching.reconstruct.Reconstructor`):
+X-rays resized to the model's X-ray size → generator → the model's [0, 1] back to the project's
+[-1, 1] → HU by the training window → trilinear (``align_corners=False``) from the model's cube
+to the full shape of the training cases (recorded in the checkpoint's extra state by the task;
+older checkpoints: the preset's; or the shape asked for) → int16 HU; files are written by
+:func:`patching.reconstruct.sample_files`.
 """
 
 from __future__ import annotations
@@ -31,7 +26,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from patching.artifact import describe, model_state, read_run, resolve_weights, task_config
+from patching.artifact import (
+    describe,
+    model_state,
+    read_extra,
+    read_run,
+    resolve_weights,
+    task_config,
+)
 from patching.checks import resolve_device
 from patching.errors import InputError
 from patching.reconstruct import Reconstructor, sample_files
@@ -62,6 +64,7 @@ class LoadedGenerator:
     generator: nn.Module
     weights: str  # "ema" or "raw"
     source: Path
+    volume: dict | None = None  # the training cases' grid (extra state): shape, spacing_mm, hu_window
 
 
 # --- finding and reading weights: patching.artifact (shared by every sampler) -----------------
@@ -96,7 +99,21 @@ def load_generator(path: str | os.PathLike, device: str | torch.device = "cpu") 
         first = str(err).splitlines()[0]
         raise InputError(where, f"generator weights do not match the saved {task} config ({first})") from None
     generator.to(resolve_device(device)).eval()
-    return LoadedGenerator(task, str(meta.get("preset", "")), int(meta.get("step", 0)), cfg, generator, weights, where)
+    volume = read_extra(kind, where, meta).get("volume")
+    return LoadedGenerator(task, str(meta.get("preset", "")), int(meta.get("step", 0)), cfg, generator, weights, where,
+                           volume if isinstance(volume, dict) else None)
+
+
+def trained_geometry(loaded: LoadedGenerator) -> VolumeSpec:
+    """The grid the generator's training cases had (its extra state); checkpoints without one
+    (written before it was recorded) get their preset's grid."""
+    v = loaded.volume
+    if v:
+        try:
+            return VolumeSpec(tuple(v["shape"]), tuple(v["spacing_mm"]), tuple(v["hu_window"]))
+        except (KeyError, TypeError, ValueError, InputError) as err:
+            raise InputError(loaded.source, f"extra state 'volume' is not a grid ({err})") from None
+    return data_spec(loaded.preset or "cpu-demo")
 
 
 # --- reconstruction -------------------------------------------------------------------------------
@@ -124,14 +141,15 @@ def reconstruct_hu(loaded: LoadedGenerator, xrays: dict[str, np.ndarray], spec: 
 
 class GanReconstructor(Reconstructor):
     """X2CT-GAN / X-Recon behind the reconstructor interface: deterministic, every view of the
-    model required, volumes on the preset's grid (``geometry``; ``spec`` overrides it)."""
+    model required, volumes on the grid of the cases it was trained on (``geometry``, from the
+    checkpoint's extra state; ``spec`` overrides it)."""
 
     stochastic = False
 
     def __init__(self, loaded: LoadedGenerator, spec: VolumeSpec | None = None):
         self.loaded, self.task = loaded, loaded.task
         self.views = self.required_views = tuple(loaded.cfg.model.views)
-        self.geometry = spec if spec is not None else data_spec(loaded.preset or "cpu-demo")
+        self.geometry = spec if spec is not None else trained_geometry(loaded)
         n = int(loaded.cfg.model.volume_size)
         self.grid = (n, n, n)
         self.step, self.weights, self.source = loaded.step, loaded.weights, loaded.source

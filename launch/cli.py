@@ -85,10 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("evaluate", help="score reconstruction methods on a store's split (see `xray2ct evaluate --help`)",
                    add_help=False)
     p = sub.add_parser("encode", help="cache every case's stage-1 latent in the store")
-    p.add_argument("--store", required=True)
-    p.add_argument("--vqgan", required=True, help="vqgan checkpoint, run or export directory")
-    p.add_argument("--split", default=None, choices=["train", "val", "test"])
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    from .encode import (
+        add_arguments as add_encode_arguments,  # also `python -m launch.encode` (several processes)
+    )
+
+    add_encode_arguments(p)
     p = sub.add_parser("sample", help="reconstruct a CT volume from X-ray files")
     p.add_argument("--checkpoint", required=True, help="checkpoint, run or export directory")
     p.add_argument("--pa", help="PA X-ray: PNG, JPEG, DICOM or .npy")
@@ -99,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=int, default=1, help="samples; >1 also writes mean and std volumes")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None)
+    p.add_argument("--windowed", action="store_true",
+                   help="denoise in the config's sampler.fallback_window windows (diffusion; when the whole latent does not fit)")
     p = sub.add_parser("denoise", help="denoise a (low-dose) CT with a trained CNCL model")
     p.add_argument("--checkpoint", required=True, help="cncl checkpoint, run or export directory")
     p.add_argument("--input", required=True, help="CT volume (.nii / .nii.gz, HU)")
@@ -127,14 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _encode(args) -> int:
-    import json
+    from .encode import run
 
-    from stage1_vqgan.encode import encode_store
-
-    summary = encode_store(args.store, args.vqgan, split=args.split, device=args.device)
-    print(json.dumps({k: v for k, v in summary.items() if k not in ("encoded", "skipped")}, indent=2))
-    print(f"encoded {len(summary['encoded'])}, skipped {len(summary['skipped'])} (already encoded by these weights)")
-    return 0
+    return run(args)
 
 
 def _sample(args) -> int:
@@ -142,6 +140,10 @@ def _sample(args) -> int:
     from patching.reconstruct import sample_files
 
     rec = load_reconstructor(args.checkpoint, device=args.device, steps=args.steps, guidance=args.guidance)
+    if args.windowed:
+        if not callable(getattr(rec, "use_fallback_window", None)):
+            raise InputError("--windowed", f"{rec.task} has no windowed sampling (diffusion only)")
+        rec.use_fallback_window()
     files = sample_files(rec, args.pa, args.lateral, args.out, seed=args.seed, num_samples=args.num_samples)
     for kind, path in files.items():
         print(f"  {kind:8s} {path}")

@@ -44,6 +44,8 @@ from patching.checks import resolve_device
 from patching.errors import InputError
 from patching.store import Case, Store
 
+from .collective import problem as _problem
+from .collective import run_collectively as _collective
 from .evaluate_methods import (
     MEAN_BASELINE,
     MeanVolumeMethod,
@@ -175,13 +177,6 @@ def figure_row(volume: np.ndarray, ctx: Mapping, title: str):
     return triplanar_image(volume, case.spacing_mm, xrays=xrays, title=title, height=160)
 
 
-def _problem(err: BaseException) -> str:
-    if isinstance(err, InputError):
-        return str(err)
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0] if text else ''}".rstrip(": ")
-
-
 def _run_method(m: Method, case: Case, ctx: Mapping, fig: list | None, *, seed: int, num_samples: int,
                 window: tuple[float, float], lpips_net, records: list, fail) -> None:
     """Reconstruct ``case`` with ``m`` (K samples if stochastic), score it (and the K-sample mean),
@@ -212,24 +207,6 @@ def _run_method(m: Method, case: Case, ctx: Mapping, fig: list | None, *, seed: 
                 fig.append((m.name, figure_row(np.clip(vol, *window), ctx, title)))
     except Exception as err:  # noqa: BLE001 - one method's failure must not stop the others
         fail(m.name, "reconstruct", err, case.case_id)
-
-
-def _collective(state, fn):
-    """``fn()`` on every process; when it raises on any, every process raises (the first error as
-    an InputError on the others), so none is left waiting in a collective that will never come."""
-    from accelerate.utils import gather_object
-
-    try:
-        value, err = fn(), None
-    except Exception as e:  # noqa: BLE001 - re-raised below, after the other processes know
-        value, err = None, e
-    if state.num_processes > 1:
-        first = next((e for e in gather_object([None if err is None else _problem(err)]) if e), None)
-        if first is not None and err is None:
-            raise InputError(None, f"another process failed: {first}")
-    if err is not None:
-        raise err
-    return value
 
 
 # --- the evaluation ---------------------------------------------------------------------------

@@ -189,13 +189,15 @@ def write_reconstruction(out: str | Path, volumes: Iterable[np.ndarray], spacing
             first, affine = hu, centred_affine(hu.shape, spacing_mm)
         else:
             files[f"sample_{k}"] = write_nifti(out / f"sample-{k:03d}.nii.gz", hu, affine)
-        x = hu.astype(np.float64)
-        if mean is None:
-            mean, m2 = x.copy(), np.zeros_like(x)
-        else:  # Welford: no K volumes held at once
-            delta = x - mean
-            mean += delta / (k + 1)
-            m2 += delta * (x - mean)
+        if k == 0:
+            continue  # the mean and std start with the second volume (none at all for K = 1)
+        if mean is None:  # Welford in float32, no K volumes held at once (a float64 copy of a
+            mean, m2 = first.astype(np.float32), np.zeros(first.shape, np.float32)  # 512×512×604 volume is 1.27 GB)
+        delta = hu - mean
+        mean += delta / (k + 1)
+        delta *= hu - mean
+        m2 += delta
+        del delta
     if first is None:
         raise InputError(out, "no volume to write")
     num = k + 1

@@ -32,7 +32,7 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -410,6 +410,16 @@ class Store:
                      chunks: tuple[int, ...] | None = None) -> None:
         """Add or replace a case's stage-1 latent (C, x, y, z)."""
         self._publish_array(self.case(case_id), "latent", np.asarray(latent), attrs, chunks)
+
+    def common_grid(self, case_ids: Sequence[str]) -> tuple[tuple[int, ...], tuple[float, ...]] | None:
+        """``(shape, spacing_mm)`` most of ``case_ids`` share (ties: the first case's), or None for
+        no case: the grid a model trained on them produces (read from the cases' attributes)."""
+        counts: dict[tuple, int] = {}
+        for cid in case_ids:
+            c = self.case(cid)
+            key = (tuple(int(v) for v in c.shape), tuple(float(v) for v in c.spacing_mm))
+            counts[key] = counts.get(key, 0) + 1
+        return max(counts, key=counts.get) if counts else None
 
     def set_split(self, case_id: str, split: str) -> bool:
         """Move a finished case to another split (its attributes rewritten atomically).

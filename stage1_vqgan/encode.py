@@ -15,6 +15,10 @@ tensors — names, dtypes, shapes, bytes — so a checkpoint and its export agre
 path, and the codec settings (tile, overlap, HU window). A re-run skips cases whose latent has
 the same identity (resumable after an interruption) and re-encodes stale ones.
 
+Several processes (``accelerate launch ... -m launch.encode``, :mod:`launch.encode`) run the same
+pieces: :func:`shard` gives each rank every ``W``-th case, :func:`encode_cases` encodes a list of
+cases, and :func:`finish_scale_factor` runs once, on rank 0, after every shard is written.
+
 The latent scale factor is ``1 / std`` of all training-split latents made by these weights
 (Rombach et al.'s latent diffusion: unit-variance latents for the diffusion model), computed in
 float64 and refused when it is not finite or the std is zero — a NaN scale factor would silently
@@ -123,6 +127,56 @@ def _latent_reference(case) -> dict | None:
     return dict(case.latent.attrs).get("vqgan")
 
 
+def case_ids_to_encode(store: Store, split: str | None) -> list[str]:
+    """The complete cases of the store (or of one split), sorted; InputError when there are none."""
+    ids = store.case_ids(split)
+    if not ids:
+        raise InputError(store.path, f"no complete cases{'' if split is None else f' in split {split!r}'}")
+    return ids
+
+
+def shard(ids: list[str], rank: int, world_size: int) -> list[str]:
+    """Rank ``rank``'s cases: every ``world_size``-th from position ``rank`` (sizes differ by at most one)."""
+    return list(ids[rank::world_size])
+
+
+def is_encoded(case, ref: dict) -> bool:
+    """Whether the case already holds a latent of exactly these weights and codec settings."""
+    return same_identity(_latent_reference(case), ref)
+
+
+def encode_cases(store: Store, vq: LoadedVQGAN, ids: list[str], *, progress: bool = True,
+                 on_case=None) -> tuple[list[str], list[str]]:
+    """Encode ``ids`` into ``cases/<id>/latent``; ``(encoded, skipped)`` (skipped: already this
+    latent). ``on_case(case_id)`` is called after each case, done or skipped."""
+    ref, f = vq.reference, vq.model.cfg.downsample
+    encoded, skipped = [], []
+    for cid in tqdm(ids, desc="encode", unit="case", disable=not progress):
+        case = store.case(cid)
+        if is_encoded(case, ref):
+            skipped.append(cid)
+        else:
+            try:
+                latent = encode_volume(vq.model, case.ct, vq.codec.tile, vq.codec.overlap, hu_window=vq.hu_window,
+                                       batch_size=vq.codec.batch_size)  # (D, X/f, Y/f, Z/f) float32
+            except InputError as err:
+                raise InputError(case.path, f"cannot be encoded: {err}") from None
+            if not torch.isfinite(latent).all():
+                raise InputError(vq.reference["file"], f"produced a non-finite latent for case {cid!r} (broken weights?)")
+            store.write_latent(cid, latent.numpy(), attrs={"vqgan": ref, "downsample": f, "volume_shape": list(case.shape)},
+                               chunks=(latent.shape[0], 64, 64, 64))
+            encoded.append(cid)
+        if on_case is not None:
+            on_case(cid)
+    return encoded, skipped
+
+
+def finish_scale_factor(store: Store, ref: dict) -> dict:
+    """The scale factor over the training split's latents of ``ref`` (once, after every case is
+    written): stored in the store's attributes and returned with ``latent_std``/``mean``."""
+    return _scale_factor(store, ref)
+
+
 def encode_store(store_path: str | Path, vqgan_path: str | Path, *, split: str | None = None,
                  device: str | torch.device | None = None, progress: bool = True) -> dict:
     """Encode every complete case of a store (or of one split) into ``cases/<id>/latent``.
@@ -145,29 +199,11 @@ def encode_store(store_path: str | Path, vqgan_path: str | Path, *, split: str |
             or a scale factor that would not be finite.
     """
     store = Store(store_path)
-    ids = store.case_ids(split)
-    if not ids:
-        raise InputError(store.path, f"no complete cases{'' if split is None else f' in split {split!r}'}")
+    ids = case_ids_to_encode(store, split)
     vq = load_vqgan(vqgan_path, device)
-    ref, f = vq.reference, vq.model.cfg.downsample
-    encoded, skipped = [], []
-    for cid in tqdm(ids, desc="encode", unit="case", disable=not progress):
-        case = store.case(cid)
-        if same_identity(_latent_reference(case), ref):
-            skipped.append(cid)
-            continue
-        try:
-            latent = encode_volume(vq.model, case.ct, vq.codec.tile, vq.codec.overlap, hu_window=vq.hu_window,
-                                   batch_size=vq.codec.batch_size)  # (D, X/f, Y/f, Z/f) float32
-        except InputError as err:
-            raise InputError(case.path, f"cannot be encoded: {err}") from None
-        if not torch.isfinite(latent).all():
-            raise InputError(vq.reference["file"], f"produced a non-finite latent for case {cid!r} (broken weights?)")
-        store.write_latent(cid, latent.numpy(), attrs={"vqgan": ref, "downsample": f, "volume_shape": list(case.shape)},
-                           chunks=(latent.shape[0], 64, 64, 64))
-        encoded.append(cid)
-    summary = {"store": str(store.path), "encoded": encoded, "skipped": skipped, "vqgan": ref}
-    summary.update(_scale_factor(store, ref))
+    encoded, skipped = encode_cases(store, vq, ids, progress=progress)
+    summary = {"store": str(store.path), "encoded": encoded, "skipped": skipped, "vqgan": vq.reference}
+    summary.update(finish_scale_factor(store, vq.reference))
     return summary
 
 

@@ -202,17 +202,22 @@ class SamplerConfig:
         window: latent window ``(x, y, z)`` for globally coherent tiled denoising, or ``None``
             to denoise the whole latent at once (a window covering the latent does the same).
         overlap: fraction of a window shared by neighbours, in ``[0, 1)``.
+        fallback_window: the window ``xray2ct sample --windowed`` uses when the whole latent
+            does not fit the device (``None``: no fallback configured).
     """
 
     name: str = "ddim"
     steps: int = 50
     window: tuple[int, int, int] | None = None
     overlap: float = 0.25
+    fallback_window: tuple[int, int, int] | None = None
 
     def __post_init__(self) -> None:
-        if self.window is not None:
-            self.window = tuple(self.window)
-            _need(_ints(self.window, 3), "sampler.window", "needs three positive integers or None", self.window)
+        for key in ("window", "fallback_window"):
+            if getattr(self, key) is not None:
+                setattr(self, key, tuple(getattr(self, key)))
+                _need(_ints(getattr(self, key), 3), f"sampler.{key}", "needs three positive integers or None",
+                      getattr(self, key))
         _need(self.name in SAMPLERS, "sampler.name", f"must be one of {SAMPLERS}", self.name)
         _need(_pos_int(self.steps), "sampler.steps", "must be a positive integer", self.steps)
         _need(_finite(self.overlap) and 0 <= self.overlap < 1, "sampler.overlap", "must be in [0, 1)", self.overlap)
@@ -244,9 +249,10 @@ class Stage2Config:
             raise InputError("unet.context_dim", f"must equal encoder.token_dim {self.encoder.token_dim}, "
                                                  f"got {self.unet.context_dim}")
         f = self.unet.downsample
-        if self.sampler.window is not None and any(w % f for w in self.sampler.window):
-            raise InputError("sampler.window", f"sizes {self.sampler.window} must be multiples of the UNet's "
-                                               f"downsampling factor {f}")
+        for key in ("window", "fallback_window"):
+            w = getattr(self.sampler, key)
+            if w is not None and any(v % f for v in w):
+                raise InputError(f"sampler.{key}", f"sizes {w} must be multiples of the UNet's downsampling factor {f}")
 
 
 def cpu_demo() -> Stage2Config:
@@ -260,7 +266,7 @@ def cpu_demo() -> Stage2Config:
         # Guidance 1 (conditional only, one UNet pass per step) and DDIM 10: at demo scale 1–1.5
         # scored 0.5 dB above 2.0, and 10 steps within 0.15 dB of 25 or 50 (docs/results.md).
         diffusion=DiffusionConfig(prediction_type="v_prediction", guidance_scale=1.0),
-        sampler=SamplerConfig(name="ddim", steps=10, window=None),
+        sampler=SamplerConfig(name="ddim", steps=10, window=None, fallback_window=(8, 8, 8)),
         latent_shape=(16, 16, 16),
     )
 
@@ -280,7 +286,7 @@ def ctpa_512() -> Stage2Config:
                         cross_attn_levels=(2, 3), self_attn_lowest=True, num_head_channels=32, context_dim=512,
                         gradient_checkpointing=True, norm_groups=32),
         diffusion=DiffusionConfig(prediction_type="v_prediction"),
-        sampler=SamplerConfig(name="dpmsolver++", steps=30, window=None, overlap=0.25),
+        sampler=SamplerConfig(name="dpmsolver++", steps=30, window=None, overlap=0.25, fallback_window=(64, 64, 64)),
         latent_shape=(128, 128, 151),
     )
 

@@ -148,6 +148,14 @@ class DiffusionReconstructor(Reconstructor):
         self.volume_shape = self.grid = tuple(f * s for s in self.latent_shape)
         self.geometry = VolumeSpec(self.volume_shape, self.spacing_mm, self.hu_window)
         self.scheduler = sample_scheduler(cfg.diffusion, cfg.sampler.name)
+        self.window = cfg.sampler.window
+
+    def use_fallback_window(self) -> None:
+        """Denoise in the config's ``sampler.fallback_window`` windows from now on (``xray2ct
+        sample --windowed``: the memory fallback when the whole latent does not fit)."""
+        if self.cfg.sampler.fallback_window is None:
+            raise InputError(self.source, "its config has no sampler.fallback_window for --windowed")
+        self.window = tuple(self.cfg.sampler.fallback_window)
 
     task = TASK_NAME
     stochastic = True
@@ -159,7 +167,8 @@ class DiffusionReconstructor(Reconstructor):
     def info(self) -> dict:
         return {**super().info(), "steps": int(self.steps), "guidance": float(self.guidance),
                 "vqgan": self.vqgan_reference, "latent_scale_factor": self.latent_scale_factor,
-                "latent_shape": list(self.latent_shape), "device": str(self.device)}
+                "latent_shape": list(self.latent_shape), "device": str(self.device),
+                "window": None if self.window is None else list(self.window)}
 
     def _inputs(self, xrays: dict[str, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
         """``(1, V, S, S)`` checked X-rays resized to the encoder's size and ``(1, V)`` views present."""
@@ -175,7 +184,7 @@ class DiffusionReconstructor(Reconstructor):
         except RuntimeError as err:
             raise InputError("seed", f"{seed} is not a valid seed ({err})") from None
         for _ in range(num_samples):
-            vol = self.decode(self._latent(x, present, generator, self.cfg.sampler.window))
+            vol = self.decode(self._latent(x, present, generator, self.window))
             yield vol if vol.shape == shape else to_shape(vol, shape)
 
     def _latent(self, x: torch.Tensor, present: torch.Tensor, generator: torch.Generator,
@@ -199,43 +208,37 @@ class DiffusionReconstructor(Reconstructor):
     def decode(self, latent: torch.Tensor, tile_latent=None) -> np.ndarray:
         """int16 HU of a latent in the VQ-GAN's units, with the VQ-GAN's tiled codec
         (``tile_latent`` overrides its latent tile, e.g. the whole latent for a seam-free reference)."""
-        codec = self.vq.codec
-        hu = decode_latent(self.vq.model, latent, tuple(tile_latent or codec.tile_latent), codec.overlap,
-                           hu_window=self.hu_window, batch_size=codec.batch_size, device=self.device,
-                           progress=False)[0].numpy()
-        return np.clip(np.rint(hu), -32768, 32767).astype(np.int16)
+        codec, f = self.vq.codec, int(self.vq.model.cfg.downsample)
+        sink = _Int16Volume(tuple(f * int(s) for s in latent.shape[1:]))
+        decode_latent(self.vq.model, latent, tuple(tile_latent or codec.tile_latent), codec.overlap, out=sink,
+                      hu_window=self.hu_window, batch_size=codec.batch_size, device=self.device, progress=self.progress)
+        return sink.data
+
+
+class _Int16Volume:
+    """Out-of-core target of the tiled decode: the stitcher writes finished slabs of float HU,
+    stored here rounded and clipped to int16 — the float32 volume (633 MB at 512×512×604) never
+    exists whole, only the stitcher's slabs (docs/full_resolution.md, "Memory model")."""
+
+    def __init__(self, shape: tuple[int, int, int]):
+        self.shape = shape
+        self.data = np.empty(shape, np.int16)
+
+    def __setitem__(self, key, value) -> None:
+        v = np.rint(np.asarray(value, dtype=np.float32))
+        np.clip(v, -32768, 32767, out=v)
+        self.data[key] = v
 
 
 def sample_diffusion(checkpoint: str | Path, pa: str | Path | None, lateral: str | Path | None, out: str | Path, *,
                      steps: int | None = None, guidance: float | None = None, num_samples: int = 1, seed: int = 0,
                      device: str | torch.device | None = None, progress: bool = True,
-                     vqgan: str | Path | None = None) -> dict[str, Path]:
-    """Sample ``num_samples`` CT volumes for one pair of X-rays and write them into ``out``.
-
-    Args:
-        checkpoint: a diffusion checkpoint directory, the ``latest`` file, ``D/checkpoints``, a
-            run directory or an ``xray2ct export`` directory.
-        pa, lateral: X-ray files (PNG, JPEG, DICOM, ``.npy``); at least one.
-        out: output directory (created).
-        steps, guidance: sampler steps and CFG scale (default: the checkpoint's config).
-        num_samples: K ≥ 1; K > 1 also writes ``sample-00k.nii.gz``, ``mean.nii.gz``, ``std.nii.gz``.
-        seed: seed of the CPU generator that draws every sample's initial noise.
-        device: where the models run (default: CUDA when available, else CPU).
-        progress: tqdm bars.
-        vqgan: the VQ-GAN's checkpoint/export when it moved (default: the path recorded in the
-            checkpoint); its weights must have the recorded sha256.
-
-    Returns:
-        ``{"nifti", "zarr", "preview"}`` of sample 0, ``"sample_k"`` (k ≥ 1), ``"mean"``, ``"std"``
-        (K > 1), and ``"metadata"`` (``sample.json``: settings, VQ-GAN reference, timings,
-        ``peak_rss_mb``).
-
-    Raises:
-        InputError: bad checkpoint, missing X-rays, a VQ-GAN whose sha256 differs from the one
-            the model was trained on, bad ``steps``/``guidance``/``num_samples``.
-    """
-    if pa is None and lateral is None:  # before the models load
-        raise InputError("--pa", "give at least one X-ray (--pa, and --lateral for biplanar input)")
+                     vqgan: str | Path | None = None, windowed: bool = False) -> dict[str, Path]:
+    """:func:`patching.reconstruct.sample_files` with a :class:`DiffusionReconstructor` (``vqgan``:
+    the VQ-GAN's weights when they moved; they must have the recorded sha256; ``windowed``: the
+    config's ``sampler.fallback_window``)."""
     rec = DiffusionReconstructor(checkpoint, device=device, vqgan=vqgan, steps=steps, guidance=guidance,
                                  progress=progress)
+    if windowed:
+        rec.use_fallback_window()
     return sample_files(rec, pa, lateral, out, seed=seed, num_samples=num_samples, progress=progress)

@@ -223,13 +223,10 @@ class DiffusionTask:
         opened = store if isinstance(store, Store) else Store(store)
         f = int(ds.vqgan.get("downsample") or 1)
         shape = [int(n) * f for n in self.cfg.latent_shape]
-        spacings: dict[tuple[float, ...], int] = {}
-        for cid, s in zip(ds.case_ids, ds.shapes, strict=True):
-            if tuple(s[1:]) == tuple(self.cfg.latent_shape):
-                sp = tuple(float(v) for v in opened.case(cid).spacing_mm)
-                spacings[sp] = spacings.get(sp, 0) + 1
-        if spacings:
-            spacing = list(max(spacings, key=spacings.get))
+        grid = opened.common_grid([cid for cid, s in zip(ds.case_ids, ds.shapes, strict=True)
+                                   if tuple(s[1:]) == tuple(self.cfg.latent_shape)])
+        if grid is not None:
+            spacing = list(grid[1])
         else:  # a latent_shape no case has (set by the user): the preset's spacing
             spacing = [float(v) for v in spec.spacing_mm] if spec is not None else [1.0, 1.0, 1.0]
         window = ds.vqgan.get("hu_window") or (spec.hu_window if spec is not None else (-1024.0, 1600.0))

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from .. import s_xr2ct
 from ..common import to_model_range
 from ..data import mean_volume
-from ..x2ct_gan.task import X2CTGANTask
+from ..x2ct_gan.task import TRAIN_DEFAULTS, X2CTGANTask
 
 
 class SXR2CTTask(X2CTGANTask):
@@ -34,6 +34,8 @@ class SXR2CTTask(X2CTGANTask):
 
     name = "s-xr2ct"
     module: types.ModuleType = s_xr2ct
+    networks = {"generator": {"": ("generator", s_xr2ct.SXR2CTGenerator, "model")}}  # exported as a folder
+    train_presets = {"cpu-demo": TRAIN_DEFAULTS["cpu-demo"], "s-xr2ct-128": TRAIN_DEFAULTS["ctpa-512"]}
 
     def __init__(self) -> None:
         super().__init__()

@@ -58,6 +58,7 @@ class X2CTGANTask:
 
     name = "x2ct-gan"
     ema_models = ("generator",)
+    train_presets: dict[str, dict[str, Any]] = TRAIN_DEFAULTS  # keyed like presets()
     # Exported as diffusers-style folders (launch/export.py): model name → {key prefix in its state
     # dict: (folder, the Pretrained class, the config section that builds it)}.
     networks = {"generator": {"": ("generator", x2ct_gan.X2CTGenerator, "model")}}
@@ -84,7 +85,7 @@ class X2CTGANTask:
     def train_defaults(self, preset: str) -> dict[str, Any]:
         """The paper's optimiser rate and batch, no clipping; a short EMA for CPU demos."""
         return {"lr": self.default_config(preset).optim.lr, "batch_size": 1, "clip_grad": 0.0,
-                **TRAIN_DEFAULTS[preset]}
+                **self.train_presets[preset]}
 
     # --- models, optimisers, schedules -----------------------------------------------------------
 
@@ -111,10 +112,22 @@ class X2CTGANTask:
 
     def build_dataset(self, cfg, store, preset, split, rank, world_size, seed) -> VolumeDataset:
         self.cfg, self.store, self.spec = cfg, str(store), preset
+        opened = store if isinstance(store, Store) else Store(store)
+        grid = opened.common_grid(opened.case_ids(split))
+        # The grid sampling writes (extra state): the training cases', not a preset's.
+        self.volume = None if grid is None else {"shape": list(grid[0]), "spacing_mm": list(grid[1]),
+                                                 "hu_window": [float(v) for v in preset.hu_window]}
         m = cfg.model
         return VolumeDataset(store, split=split, volume_size=m.volume_size, xray_size=m.xray_size, views=m.views,
                              hu_window=preset.hu_window, seed=seed, rank=rank, world_size=world_size,
                              batch_size=cfg.train.batch_size, num_workers=cfg.train.num_workers)
+
+    def extra_state(self) -> dict:
+        """The training cases' grid (shape, spacing, HU window): what ``xray2ct sample`` writes."""
+        return {"volume": dict(self.volume)} if getattr(self, "volume", None) else {}
+
+    def load_extra_state(self, state: dict) -> None:
+        """Nothing to restore: the grid is read from the store at every start."""
 
     # --- one step --------------------------------------------------------------------------------
 

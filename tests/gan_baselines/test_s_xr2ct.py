@@ -172,6 +172,23 @@ def test_overfits_one_case(store):
 # --- training on the engine ----------------------------------------------------------------------
 
 
+def test_presets_and_train_defaults():
+    from launch.tasks import load_task
+    from launch.train import build_run_config
+
+    _, task = load_task("s-xr2ct")
+    demo = build_run_config(task, "cpu-demo", [])
+    assert (demo.model.xray_size, demo.model.volume_size) == (64, 32) and demo.train.lr == 2e-4
+    assert demo.loss.perceptual_weight == 1.0 and demo.train.ema_decay == 0.99
+    paper = build_run_config(task, "s-xr2ct-128", [])
+    assert (paper.model.xray_size, paper.model.volume_size) == (128, 128) and paper.train.grad_accum == 1
+    assert (paper.loss.adv_weight, paper.loss.recon_weight, paper.loss.proj_weight) == (0.1, 10.0, 10.0)
+    spec = data_spec("s-xr2ct-128")
+    assert spec.shape == (320, 320, 320) and spec.spacing_mm == (1.0, 1.0, 1.0)
+    with pytest.raises(InputError, match="unknown preset"):
+        task.default_config("ctpa-512")
+
+
 def test_training_sets_and_saves_the_template(store, tmp_path, features, in_process):
     st = Store(store)
     mean = to_model_range(mean_volume(st, "train", 16, WINDOW, progress=False), (0.0, 1.0))

@@ -150,3 +150,17 @@ def test_bad_input_is_one_line_errors(run, tmp_path):
     with pytest.raises(InputError, match="generator weights do not match"):
         sample_gan(bad, run["pa"], run["lateral"], tmp_path / "o", spec)
     assert not (tmp_path / "o").exists()  # nothing written by a failed call
+
+
+def test_without_a_spec_the_volume_has_the_training_cases_grid(run, tmp_path):
+    """Sampling reads the grid from the checkpoint (the store's 32³ phantoms at 360/32 mm), not a
+    preset: `xray2ct sample` needs no geometry setting."""
+    from gan_baselines.sampling import GanReconstructor
+    from patching.reconstruct import sample_files
+
+    for path in (run["root"] / "gan", run["root"] / "export"):
+        rec = GanReconstructor.from_path(path)
+        assert rec.geometry == VolumeSpec((32, 32, 32), (11.25, 11.25, 11.25), (-1024.0, 1600.0))
+    files = sample_files(rec, run["pa"], run["lateral"], tmp_path / "o")
+    img = nib.load(files["nifti"])
+    assert img.shape == (32, 32, 32) and img.header.get_zooms() == pytest.approx((11.25,) * 3)

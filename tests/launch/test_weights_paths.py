@@ -137,3 +137,24 @@ def test_exported_networks_load_with_from_pretrained_in_a_plain_process_as_the_c
                    cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
     for name, want in expected.items():
         assert want.abs().max() > 0 and torch.equal(load_file(str(tmp_path / f"{name}.out.safetensors"))["out"], want), name
+
+
+def test_a_single_view_model_exports_and_samples_from_its_folder(runs, tmp_path):
+    """S-XR2CT (PA only, a task derived from X2CT-GAN's) exports its own generator class."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    from gan_baselines.s_xr2ct import SXR2CTGenerator
+    from tests.gan_baselines.test_s_xr2ct import TINY_SX
+
+    run, export = tmp_path / "sx", tmp_path / "sx-export"
+    try:
+        assert main(["train", "s-xr2ct", "--store", str(runs["store"]), "--output-dir", str(run), "--max-steps", "1",
+                     "--set", *TINY_SX, *GAN_RUN, "loss.perceptual_weight=0"]) == 0
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+    assert main(["export", "--checkpoint", str(run / "checkpoints" / "latest"), "--out", str(export)]) == 0
+    assert isinstance(SXR2CTGenerator.from_pretrained(export / "generator"), SXR2CTGenerator)
+    assert main(["sample", "--checkpoint", str(export), "--pa", str(runs["root"] / "pa.npy"), "--out",
+                 str(tmp_path / "o"), "--device", "cpu"]) == 0
+    assert (tmp_path / "o" / "volume.nii.gz").is_file()

@@ -70,3 +70,21 @@ def test_non_cubic_store_trains_and_samples_without_shape_settings(tmp_path_fact
     lines = bad.stderr.strip().splitlines()
     assert bad.returncode == 2 and len(lines) == 1, bad.stderr[-3000:]
     assert "case 'phantom-s9-0000' has a latent of (8, 8, 8)" in lines[0] and "Traceback" not in bad.stderr
+
+
+def test_decode_writes_int16_slabs_equal_to_the_in_memory_decode(tmp_path_factory):
+    """The sampler's decode never holds a float32 volume: the stitcher writes finished slabs into an
+    int16 target (rounded, clipped); the result is the in-memory decode rounded."""
+    import torch
+
+    from stage1_vqgan.codec import decode_latent
+    from stage2_diffusion.pipeline import DiffusionReconstructor
+    from tests.stage2_diffusion.test_task import trained_run
+
+    rec = DiffusionReconstructor(trained_run(tmp_path_factory), device="cpu")
+    latent = torch.randn((4, 8, 8, 10), generator=torch.Generator().manual_seed(0))  # 2×2×3 tiles of 4³
+    hu = rec.decode(latent)
+    ref = decode_latent(rec.vq.model, latent, rec.vq.codec.tile_latent, rec.vq.codec.overlap,
+                        hu_window=rec.hu_window)[0].numpy()
+    assert hu.dtype == np.int16 and hu.shape == (32, 32, 40)
+    assert np.abs(hu.astype(np.float64) - np.clip(np.rint(ref), -32768, 32767)).max() <= 1  # float order only
