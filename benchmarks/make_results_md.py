@@ -35,8 +35,13 @@ def _demo_table(meta: dict) -> str:
     lines = ["| stage | seconds |", "|---|---:|"]
     lines += [f"| {k.replace('_', ' ')} | {v:.0f} |" for k, v in secs.items() if k != "total"]
     lines.append(f"| **total** | **{secs['total']:.0f}** ({secs['total'] / 60:.1f} min) |")
-    runs = ", ".join(f"{name} {r['steps']} steps ({r['minutes']:g} min, {r['threads']} thread(s))"
-                     for name, r in meta["runs"].items())
+    def run(name: str, r: dict) -> str:
+        if "budget_steps" in r:  # step-budgeted demo: steps of budget, process CPU-seconds
+            return (f"{name} {r['steps']} of {r['budget_steps']} steps ({r['cpu_seconds']:.0f} CPU-s, "
+                    f"{r['threads']} thread(s))")
+        return f"{name} {r['steps']} steps ({r['minutes']:g} min, {r['threads']} thread(s))"  # time-boxed demo.json
+
+    runs = ", ".join(run(name, r) for name, r in meta["runs"].items())
     return "\n".join(lines) + f"\n\nTraining reached: {runs}. Machine: {meta['cpus']} CPU cores.\n"
 
 

@@ -114,10 +114,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="demo_out")
     p.add_argument("--num", type=int, default=48, help="phantoms to synthesise (default 48: 40 train, 4 val, 4 test)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--vqgan-minutes", type=float, default=6.0,
-                   help="wall minutes for the VQ-GAN and the X2CT-GAN (trained side by side)")
-    p.add_argument("--diffusion-minutes", type=float, default=4.0, help="wall minutes for the diffusion model")
-    p.add_argument("--max-steps", type=int, default=None, help="also stop every training at this step (quick runs)")
+    p.add_argument("--threads", type=int, default=2,
+                   help="threads of the diffusion training and of encoding/sampling/evaluation (default 2; the "
+                        "VQ-GAN and X2CT-GAN always train on one thread each, side by side). Another value "
+                        "changes the table within noise, not bit for bit")
+    p.add_argument("--num-samples", type=int, default=4,
+                   help="diffusion samples per test case: the table shows sample 1 and their mean (default 4)")
+    p.add_argument("--steps-scale", type=float, default=1.0,
+                   help="multiply every model's step budget (default 1: the published table)")
+    p.add_argument("--minutes", type=float, default=None,
+                   help="also stop each training stage after this many wall minutes (the table then depends "
+                        "on the machine's speed)")
+    p.add_argument("--max-steps", type=int, default=None, help="cap every step budget at this (quick runs)")
     return parser
 
 

@@ -27,6 +27,8 @@ from typing import Any, Literal, Union
 from patching.artifact import _hints, _plain, config_from_dict, config_to_dict  # noqa: F401  (re-exported)
 from patching.errors import InputError
 
+from .schedules import LR_DECAYS
+
 MIXED_PRECISION = ("auto", "no", "bf16")
 
 
@@ -57,7 +59,14 @@ class TrainConfig:
         split: dataset split trained on.
         max_minutes: wall-clock budget of this invocation in minutes; 0 = none. When it is
             spent the run stops after the current step with a checkpoint, exactly as on
-            SIGTERM (``--resume latest`` continues it). Time-boxed CPU demos use it.
+            SIGTERM (``--resume latest`` continues it). The steps reached then depend on the
+            machine's speed and load; ``max_steps`` alone gives the same run everywhere.
+        warmup_steps: linear learning-rate warm-up over this many steps (0: none).
+        lr_decay: ``none``, ``cosine`` or ``linear`` decay from the base rate after warm-up to
+            10 % of it at ``max_steps`` (:func:`launch.schedules.lr_factor`). Applied by the
+            engine to every optimizer the task gives no scheduler of its own.
+        ema_warmup: EMA decay ``min(ema_decay, (1 + step) / (10 + step))`` instead of a fixed
+            ``ema_decay`` (:func:`launch.schedules.ema_decay_at`).
     """
 
     lr: float = 1e-4
@@ -76,6 +85,9 @@ class TrainConfig:
     mixed_precision: str = "auto"
     split: str = "train"
     max_minutes: float = 0.0
+    warmup_steps: int = 0
+    lr_decay: str = "none"
+    ema_warmup: bool = False
 
     def __post_init__(self) -> None:
         def need(ok: bool, key: str, what: str) -> None:
@@ -98,6 +110,8 @@ class TrainConfig:
         need(self.mixed_precision in MIXED_PRECISION, "mixed_precision", f"must be one of {', '.join(MIXED_PRECISION)}")
         need(bool(self.split), "split", "must not be empty")
         need(math.isfinite(self.max_minutes) and self.max_minutes >= 0, "max_minutes", "must be >= 0 (0: no budget)")
+        need(isinstance(self.warmup_steps, int) and self.warmup_steps >= 0, "warmup_steps", "must be an integer >= 0")
+        need(self.lr_decay in LR_DECAYS, "lr_decay", f"must be one of {', '.join(LR_DECAYS)}")
 
 
 # --- the run config: a task config plus the engine's `train` section --------------------------

@@ -1,30 +1,42 @@
-"""``xray2ct demo``: the whole system on synthetic chest phantoms, on a CPU, in about 11 minutes
-on 2 cores.
+"""``xray2ct demo``: the whole system on synthetic chest phantoms, on a CPU, in about 12 minutes
+on 2 idle cores.
 
     xray2ct demo --out demo_out
 
 1. Synthesise ``--num`` chest CTPA phantoms (64³, 5.625 mm, ~30 % with emboli) with PA and
    lateral DRRs into a Zarr store (last 10 % test, 10 % before them val).
-2. Train the ``cpu-demo`` VQ-GAN and the ``cpu-demo`` X2CT-GAN side by side, one core each,
-   for ``--vqgan-minutes`` (``train.max_minutes``: the run stops after the step that spends
-   the budget, with a checkpoint).
+2. Train the ``cpu-demo`` VQ-GAN and the ``cpu-demo`` X2CT-GAN side by side, one process and one
+   thread each, for a fixed number of optimizer steps (:data:`STEPS`).
 3. Encode every case's latent with the VQ-GAN (``xray2ct encode``).
-4. Train the ``cpu-demo`` latent diffusion model on both cores for ``--diffusion-minutes``.
+4. Train the ``cpu-demo`` latent diffusion model for its fixed number of steps on ``--threads``
+   threads (default 2, whatever the machine).
 5. Sample the first held-out case from its X-ray PNG files with both models (NIfTI, Zarr,
    tri-planar PNG each; ``xray2ct sample``).
-6. Evaluate every method and the mean training volume on the test split
-   (``xray2ct evaluate``): the table is printed and written with its figures.
+6. Evaluate every method and the mean training volume on the test split (``xray2ct
+   evaluate``; diffusion as one sample and as the mean of ``--num-samples`` samples, labelled):
+   the table is printed and written with its figures.
+
+Reproducibility: every training has a step budget and a fixed seed, and the VQ-GAN and X2CT-GAN
+always run on exactly one thread, so the table does not depend on how fast or how busy the
+machine is (``--minutes`` adds an optional wall-clock cap per stage; a run it stops early is no
+longer reproducible, and ``demo.json`` records the steps reached). Thread counts are fixed per
+stage, never taken from the machine or the caller's environment (tested: the same table from a
+1-thread and a 3-thread caller): a different ``--threads`` changes the diffusion stage's
+floating-point reduction order (its gradient norm differs in the 7th digit after 3 steps), so
+its table agrees within noise, not bit for bit. Training processes run with
+``OMP_WAIT_POLICY=PASSIVE`` so that OpenMP threads waiting at a barrier for a descheduled sibling
+sleep instead of spinning on the core a competing program needs (``benchmarks/bench_threads.py``).
 
 Trainings run as ``python -m launch.train`` subprocesses (their logs in ``DIR/logs``) with the
 same flags a user would type; a second ``demo`` into the same directory re-uses finished
-phantoms and resumes every training from its checkpoint (``--resume latest``), training each
-for its budget again. Budgets are wall time, so the steps reached depend on the machine; every
-run records its steps in ``DIR/demo.json``.
+phantoms and resumes every training from its checkpoint (``--resume latest``): a finished run
+is at its budget already and is not trained further.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -63,39 +75,46 @@ def _last_step(run: Path) -> int:
     return step
 
 
-def train(tasks: dict[str, list[str]], store: Path, runs: Path, logs: Path, minutes: float, threads: int,
-          max_steps: int | None) -> dict[str, dict]:
-    """Train ``tasks`` (name → extra ``--set`` overrides) concurrently as ``launch.train``
-    subprocesses with ``threads`` threads each, for ``minutes`` of wall time each; a tqdm bar
-    shows the wall clock and every run's last logged step. Raises ``RuntimeError`` with the tail of
-    the log of a run that fails."""
+# Optimizer steps per model: ~10 min of training on 2 idle cores (VQ-GAN ‖ X2CT-GAN one core
+# each, then diffusion), sized from per-step process CPU time (docs/results.md).
+STEPS = {"vqgan": 600, "x2ct-gan": 350, "diffusion": 1600}
+
+
+def train(tasks: dict[str, int], store: Path, runs: Path, logs: Path, threads: int,
+          minutes: float | None = None) -> dict[str, dict]:
+    """Train ``tasks`` (name → step budget) concurrently as ``launch.train`` subprocesses with
+    ``threads`` threads each (``OMP_WAIT_POLICY=PASSIVE``), each to its step budget (and for at
+    most ``minutes`` of wall time when given); a tqdm bar shows every run's steps. Raises
+    ``RuntimeError`` with the tail of the log of a run that fails."""
     from tqdm.auto import tqdm
 
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), OMP_WAIT_POLICY="PASSIVE",
                PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
     procs, files = {}, []
     t0 = time.perf_counter()
     try:
-        for name, sets in tasks.items():
+        for name, steps in tasks.items():
             out = runs / name
             cmd = [sys.executable, "-m", "launch.train", name, "--store", str(store), "--preset", "cpu-demo",
-                   "--output-dir", str(out), "--resume", "latest", "--max-steps", str(max_steps or 1_000_000),
-                   "--set", f"train.max_minutes={minutes}", "train.val_every=0", "train.ckpt_every=0",
-                   "train.log_every=10", "train.num_workers=0", *sets]
-            log = (logs / f"{name}.log").open("w")
+                   "--output-dir", str(out), "--resume", "latest", "--max-steps", str(steps),
+                   "--set", f"train.max_minutes={minutes or 0}", "train.val_every=0", "train.ckpt_every=0",
+                   "train.log_every=10", "train.num_workers=0"]
+            log = (logs / f"{name}.log").open("a")
             files.append(log)
             log.write(" ".join(cmd) + "\n\n")
             log.flush()
             procs[name] = (subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT), out)
-        total = max(1, round(minutes * 60))
-        with tqdm(total=total, unit="s", desc="training", dynamic_ncols=True, file=sys.stdout,
-                  bar_format="{desc}: {bar} {n:.0f}/{total:.0f} s{postfix}") as bar:
+        total = sum(tasks.values())
+        with tqdm(total=total, unit="step", desc="training", dynamic_ncols=True, file=sys.stdout,
+                  bar_format="{desc}: {bar} {n:.0f}/{total:.0f} steps [{elapsed}]{postfix}") as bar:
+            def show() -> None:
+                bar.n = sum(_last_step(o) for _, o in procs.values())
+                bar.set_postfix_str(", ".join(f"{n} {_last_step(o)}/{tasks[n]}" for n, (_, o) in procs.items()))
+
             while any(p.poll() is None for p, _ in procs.values()):
                 time.sleep(1.0)
-                bar.n = min(total, time.perf_counter() - t0)
-                bar.set_postfix_str(", ".join(f"{n} step {_last_step(o)}" for n, (_, o) in procs.items()))
-            bar.n = min(total, time.perf_counter() - t0)
-            bar.set_postfix_str(", ".join(f"{n} step {_last_step(o)}" for n, (_, o) in procs.items()))
+                show()
+            show()
     except BaseException:
         for p, _ in procs.values():
             if p.poll() is None:
@@ -112,14 +131,41 @@ def train(tasks: dict[str, list[str]], store: Path, runs: Path, logs: Path, minu
             tail = (logs / f"{name}.log").read_text().strip().splitlines()[-5:]
             raise RuntimeError(f"training {name} failed (exit {p.returncode}); log {logs / f'{name}.log'}:\n  "
                                + "\n  ".join(tail))
-        result[name] = {"steps": _last_step(out), "run": str(out), "minutes": minutes, "threads": threads}
-    print("  " + ", ".join(f"{n}: {r['steps']} steps" for n, r in result.items())
+        steps = _last_step(out)
+        result[name] = {"steps": steps, "budget_steps": tasks[name], "cpu_seconds": _cpu_seconds(out),
+                        "run": str(out), "threads": threads, "max_minutes": minutes or 0,
+                        "reached_budget": steps >= tasks[name]}
+    print("  " + ", ".join(f"{n}: {r['steps']} steps ({r['cpu_seconds']:.0f} CPU-s)" for n, r in result.items())
           + f" in {time.perf_counter() - t0:.0f} s", flush=True)
+    short = [n for n, r in result.items() if not r["reached_budget"]]
+    if short:
+        print(f"  note: --minutes stopped {', '.join(short)} before the step budget: this table is not the "
+              "reproducible one", flush=True)
     return result
 
 
+def _cpu_seconds(run: Path) -> float:
+    """Process CPU seconds the run's invocations logged (``cpu_s`` of each one's last log line)."""
+    path = run / "metrics.jsonl"
+    if not path.is_file():
+        return 0.0
+    total, last, prev_step = 0.0, 0.0, -1
+    with path.open() as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+                cpu, step = float(rec.get("cpu_s", 0.0)), int(rec.get("step", 0))
+            except (ValueError, AttributeError, TypeError):
+                continue
+            if cpu < last or step <= prev_step:  # a resumed invocation starts its clock again
+                total += last
+            last, prev_step = cpu, step
+    return round(total + last, 1)
+
+
 def _export_xrays(store: Store, case_id: str, out: Path) -> dict[str, Path]:
-    """The case's stored X-rays as 16-bit PNG files: the demo samples from files, like a user."""
+    """The case's stored X-rays as 8-bit PNG files (``write_image``): the demo samples from files,
+    like a user."""
     case = store.case(case_id)
     paths = {}
     for view in case.views():
@@ -134,9 +180,17 @@ def run_demo(args) -> int:
     out = Path(args.out).resolve()
     if out.exists() and not out.is_dir():
         raise InputError("--out", f"{out} exists and is not a directory")
-    for name in ("vqgan_minutes", "diffusion_minutes"):
-        if not getattr(args, name) > 0:
-            raise InputError(f"--{name.replace('_', '-')}", f"must be a positive number of minutes, got {getattr(args, name)}")
+    if not (math.isfinite(args.steps_scale) and args.steps_scale > 0):
+        raise InputError("--steps-scale", f"must be a positive number, got {args.steps_scale}")
+    for name in ("threads", "num_samples", "max_steps"):
+        value = getattr(args, name)
+        if value is not None and not value >= 1:
+            raise InputError(f"--{name.replace('_', '-')}", f"must be a positive integer, got {value}")
+    if args.minutes is not None and not (math.isfinite(args.minutes) and args.minutes > 0):
+        raise InputError("--minutes", f"must be a positive number of minutes, got {args.minutes}")
+    steps = {n: max(1, round(v * args.steps_scale)) for n, v in STEPS.items()}
+    if args.max_steps is not None:
+        steps = {n: min(v, args.max_steps) for n, v in steps.items()}
     if args.num < 10:
         raise InputError("--num", f"needs at least 10 phantoms (train, val and test splits), got {args.num}")
     out.mkdir(parents=True, exist_ok=True)
@@ -144,6 +198,9 @@ def run_demo(args) -> int:
     logs.mkdir(exist_ok=True)
     runs.mkdir(exist_ok=True)
     timings: dict[str, float] = {}
+    import torch
+
+    torch.set_num_threads(args.threads)  # encoding, sampling and evaluation in this process
     spec = data_spec("cpu-demo")
     store_path = out / "phantoms.zarr"
 
@@ -162,9 +219,9 @@ def run_demo(args) -> int:
     timings["synthesise"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    _stage(2, f"training the cpu-demo VQ-GAN and X2CT-GAN side by side, one core each, "
-              f"{args.vqgan_minutes:g} min (logs: {logs})")
-    runs_info = train({"vqgan": [], "x2ct-gan": []}, store_path, runs, logs, args.vqgan_minutes, 1, args.max_steps)
+    _stage(2, f"training the cpu-demo VQ-GAN ({steps['vqgan']} steps) and X2CT-GAN ({steps['x2ct-gan']} steps) "
+              f"side by side, one thread each (logs: {logs})")
+    runs_info = train({"vqgan": steps["vqgan"], "x2ct-gan": steps["x2ct-gan"]}, store_path, runs, logs, 1, args.minutes)
     timings["train_vqgan_x2ctgan"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -177,10 +234,8 @@ def run_demo(args) -> int:
     timings["encode"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    _stage(4, f"training the cpu-demo latent diffusion model on {min(2, cpu_count())} cores, "
-              f"{args.diffusion_minutes:g} min")
-    runs_info.update(train({"diffusion": []}, store_path, runs, logs, args.diffusion_minutes,
-                           min(2, cpu_count()), args.max_steps))
+    _stage(4, f"training the cpu-demo latent diffusion model ({steps['diffusion']} steps) on {args.threads} thread(s)")
+    runs_info.update(train({"diffusion": steps["diffusion"]}, store_path, runs, logs, args.threads, args.minutes))
     timings["train_diffusion"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -203,7 +258,8 @@ def run_demo(args) -> int:
     from launch.evaluate import evaluate
 
     report = evaluate(store_path, {"diffusion": runs / "diffusion", "x2ct-gan": runs / "x2ct-gan"},
-                      out / "evaluation", split="test", seed=args.seed, figure_cases=1, device="cpu")
+                      out / "evaluation", split="test", seed=args.seed, figure_cases=1, device="cpu",
+                      num_samples=args.num_samples)
     timings["evaluate"] = time.perf_counter() - t
     total = time.perf_counter() - t_start
 
@@ -211,7 +267,7 @@ def run_demo(args) -> int:
     print("\n" + summary.strip())
     meta = {"seconds": {k: round(v, 1) for k, v in timings.items()} | {"total": round(total, 1)},
             "runs": runs_info, "num_phantoms": args.num, "test_cases": test_ids, "sampled_case": case_id,
-            "cpus": cpu_count(), "argv": sys.argv, "failures": report.get("failures", {})}
+            "cpus": cpu_count(), "threads": args.threads, "argv": sys.argv, "failures": report.get("failures", {})}
     (out / "demo.json").write_text(json.dumps(meta, indent=1))
     figures = sorted((out / "evaluation" / "figures").glob("*.png"))
     print(f"\ndone in {total / 60:.1f} min ({', '.join(f'{k} {v:.0f} s' for k, v in timings.items())})")

@@ -33,8 +33,11 @@ class EMA:
             self.shadow = [p.detach().clone() for p in self.params]
 
     @torch.no_grad()
-    def update(self) -> None:
-        torch._foreach_lerp_([_local(s) for s in self.shadow], [_local(p) for p in self.params], 1.0 - self.decay)
+    def update(self, decay: float | None = None) -> None:
+        """One EMA step with ``decay`` (default: the fixed ``self.decay``; the engine passes the
+        warmed-up value of :func:`launch.schedules.ema_decay_at`)."""
+        d = self.decay if decay is None else decay
+        torch._foreach_lerp_([_local(s) for s in self.shadow], [_local(p) for p in self.params], 1.0 - d)
 
     def full_state(self) -> dict[str, torch.Tensor]:
         """Full CPU tensors by parameter name; a collective for sharded parameters (all ranks call)."""

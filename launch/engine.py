@@ -47,6 +47,7 @@ stop-signal check is a gloo all-reduce of a CPU flag, not a device sync.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import sys
 import time
@@ -63,6 +64,7 @@ from . import checkpoint as ck
 from .config import config_to_dict
 from .context import StepContext
 from .ema import EMA  # noqa: F401  (part of the engine's API)
+from .schedules import ema_decay_at, lr_factor
 from .signals import ControlGroup, StopRequest, ignore_stop_signals, stop_signals_blocked
 
 
@@ -134,6 +136,10 @@ class Trainer:
         # The task's own optimizer objects: Accelerate/FSDP2 keep them (params remapped in place)
         # and DeepSpeed drives them as its base optimizers, so their schedulers stay valid.
         self.schedulers = dict(build_sched(cfg, optimizers) if build_sched else {})
+        if tc.warmup_steps or tc.lr_decay != "none":  # the engine's schedule for optimizers the task leaves alone
+            factor = functools.partial(lr_factor, warmup_steps=tc.warmup_steps, total_steps=tc.max_steps, decay=tc.lr_decay)
+            self.schedulers.update({n: torch.optim.lr_scheduler.LambdaLR(o, factor) for n, o in optimizers.items()
+                                    if n not in self.schedulers})
         unknown = set(self.schedulers) - set(self.optimizers)
         if unknown:
             raise ValueError(f"schedulers {sorted(unknown)} name no optimizer")
@@ -331,7 +337,7 @@ class Trainer:
                 self.schedulers[opt_name].step()
             model_name = self.model_of_opt[opt_name]
             if model_name in self.ema:
-                self.ema[model_name].update()
+                self.ema[model_name].update(ema_decay_at(self.state.step, tc.ema_decay, tc.ema_warmup))
         opt.zero_grad(set_to_none=True)
         key = f"grad_norm/{opt_name}"
         self._norm_sums[key] = self._norm_sums.get(key, 0) + torch.nan_to_num(norm, nan=0.0, posinf=0.0)
@@ -359,7 +365,7 @@ class Trainer:
             if opt_name in self.schedulers:
                 self.schedulers[opt_name].step()
             if model_name in self.ema:
-                self.ema[model_name].update()
+                self.ema[model_name].update(ema_decay_at(self.state.step, self.cfg.train.ema_decay, self.cfg.train.ema_warmup))
 
     # --- the loop ---------------------------------------------------------------------------------
 
@@ -399,6 +405,7 @@ class Trainer:
         bar = tqdm(total=tc.max_steps, initial=self.state.step, disable=not self.is_main, dynamic_ncols=True,
                    desc=self._task_name())
         self._t_log, self._step_log = time.perf_counter(), self.state.step
+        self._cpu0 = time.process_time()
         deadline = time.monotonic() + 60.0 * tc.max_minutes if tc.max_minutes else None
         try:
             while self.state.step < tc.max_steps:
@@ -484,6 +491,9 @@ class Trainer:
         for n, o in self.inner_optimizers.items():
             record[f"lr/{n}"] = float(o.param_groups[0]["lr"])
         record["nonfinite_total"] = self.state.nonfinite_total
+        # CPU seconds of this process (all its threads) since this invocation's loop began: what a
+        # step costs independent of how busy the machine is (wall time is not).
+        record["cpu_s"] = round(time.process_time() - getattr(self, "_cpu0", time.process_time()), 3)
         record["samples_per_s"] = (updates * self.cfg.train.batch_size * self.cfg.train.grad_accum * self.world_size
                                    / max(now - self._t_log, 1e-9))
         self._sums, self._norm_sums, self._norm_counts, self._count = {}, {}, {}, 0

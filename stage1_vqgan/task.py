@@ -110,10 +110,11 @@ class VQGANTaskConfig(Stage1Config):
 TRAIN_DEFAULTS: dict[str, dict[str, Any]] = {
     # lr 5e-4: the model developer's overfit runs (2e-3 stalled at ~24 dB). Batch 2: torch
     # runs batch-1 3D convs this small on a slow native kernel. A short EMA for runs of a
-    # few hundred steps: the engine's EMA has no warm-up, so at step 100 a 0.99 EMA still
-    # holds 37 % of the initial weights (0.98: 13 %; 0.999: 90 %).
+    # few hundred steps, warmed up (train.ema_warmup) so it leaves the initialisation within
+    # tens of steps; cosine decay to 10 % over the run's max_steps, so a step-budgeted run ends
+    # averaged rather than at full rate (docs/results.md, "what was tried").
     "cpu-demo": {"lr": 5e-4, "batch_size": 2, "num_workers": 1, "ema_decay": 0.98, "val_every": 200,
-                 "clip_grad": 0.0},
+                 "clip_grad": 0.0, "lr_decay": "cosine", "ema_warmup": True},
     # Medical Diffusion's vq_gan_3d.yaml (lr 3e-4); one 256×256×128 tile per GPU (the
     # preset's grad_accum of 4 makes 4 tiles per step per GPU); the engine's clip at 1.0
     # stays as a guard for the long adversarial phase.

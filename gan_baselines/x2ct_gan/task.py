@@ -45,7 +45,8 @@ from ..data import VolumeDataset, load_sample, psnr
 
 # The engine's `train.*` defaults per preset beyond the paper's rate and batch (X2CTGANTask.presets' names).
 TRAIN_DEFAULTS: dict[str, dict[str, Any]] = {
-    "cpu-demo": {"ema_decay": 0.99, "val_every": 100},  # a few hundred steps: a 0.999 EMA would still be near the init
+    # a few hundred steps: a 0.999 EMA would still be near the init; warmed up as every cpu-demo model
+    "cpu-demo": {"ema_decay": 0.99, "val_every": 100, "ema_warmup": True},
     "ctpa-512": {"grad_accum": 1, "val_every": 2000},  # the papers train with batch 1 and no accumulation
 }
 

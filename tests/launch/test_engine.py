@@ -352,3 +352,50 @@ def test_deepspeed_zero2_trains_a_gan_task(tmp_path):
     run_ok(_accelerate_cmd("deepspeed_zero2.yaml", out, 2 * N), timeout=600)
     assert ck.read_latest(out / "checkpoints").name == f"step-{2 * N}"
     run_ok(_accelerate_cmd("deepspeed_zero2.yaml", out, 2 * N + 2, resume="latest"), timeout=600)
+
+
+# --- the engine's optional lr schedule and EMA warm-up (launch.schedules) ----------------------------
+
+
+def test_lr_factor_warms_up_then_decays_to_the_floor():
+    from launch.schedules import lr_factor
+
+    assert [lr_factor(s, 4, 20, "none") for s in (0, 1, 3, 4, 19)] == [0.25, 0.5, 1.0, 1.0, 1.0]
+    cos = [lr_factor(s, 4, 20, "cosine") for s in range(4, 21)]
+    assert cos[0] == 1.0 and cos[-1] == pytest.approx(0.1) and all(a > b for a, b in zip(cos, cos[1:]))
+    assert cos[8] == pytest.approx(0.55)  # half way: the midpoint of 1 and the floor
+    assert lr_factor(12, 4, 20, "linear") == pytest.approx(0.55) and lr_factor(99, 0, 20, "linear") == pytest.approx(0.1)
+
+
+def test_ema_warmup_follows_diffusers_and_caps_at_decay():
+    from launch.schedules import ema_decay_at
+
+    assert ema_decay_at(0, 0.99, True) == pytest.approx(0.1)  # the first update keeps 90 % of the live weights
+    assert ema_decay_at(10, 0.99, True) == pytest.approx(11 / 20)
+    assert ema_decay_at(10_000, 0.99, True) == 0.99 and ema_decay_at(0, 0.99, False) == 0.99
+
+
+def test_engine_schedules_unscheduled_optimizers_and_warms_the_ema(tmp_path, in_process):
+    """train.warmup_steps / lr_decay reach the optimizer the task leaves unscheduled (the toy's
+    SGD ``disc``), not the task's own (``gen``); train.ema_warmup changes the saved EMA."""
+    from launch.schedules import lr_factor
+
+    out = tmp_path / "sched"
+    assert train_in_process(out, 6, "train.warmup_steps=2", "train.lr_decay=cosine", "train.ema_warmup=true") == 0
+    m = metrics(out)
+    for step in range(1, 7):  # logged after `step` scheduler steps
+        assert m[step]["lr/disc"] == pytest.approx(1e-2 * lr_factor(step, 2, 6, "cosine"))
+        assert m[step]["lr/gen"] == pytest.approx(1e-2 * min(1.0, (step + 1) / 3))
+    plain = tmp_path / "plain"  # the same training, a fixed-decay EMA: identical live weights
+    assert train_in_process(plain, 6, "train.warmup_steps=2", "train.lr_decay=cosine") == 0
+
+    def ema_to_live(run: Path) -> float:
+        ckpt = ck.read_latest(run / "checkpoints")
+        ema, live = load_file(ckpt / "ema" / "gen.safetensors"), load_file(ckpt / "models" / "gen.safetensors")
+        return sum(float((ema[k] - live[k]).norm()) for k in ema)
+
+    ckpts = [ck.read_latest(r / "checkpoints") for r in (out, plain)]
+    a, b = (load_file(c / "models" / "gen.safetensors") for c in ckpts)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # warmed up, the average has left the initialisation: it is closer to the live weights
+    assert ema_to_live(out) < 0.5 * ema_to_live(plain)
