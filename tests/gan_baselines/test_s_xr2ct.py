@@ -268,14 +268,16 @@ def cli(argv, capsys) -> tuple[int, str]:
     return rc, capsys.readouterr().err
 
 
-def test_sample_cli_from_a_png(runs, capsys):
+def test_sample_cli_from_a_png(store, runs, capsys):
     out = runs["root"] / "sampled"
     rc, err = cli(["sample", "--checkpoint", runs["sxr2ct"], "--pa", runs["pa"], "--out", out], capsys)
     assert rc == 0, err
     img = nib.load(out / "volume.nii.gz")
-    spec = data_spec("cpu-demo")
-    assert img.shape == spec.shape and img.get_data_dtype() == np.int16
-    assert np.allclose(img.header.get_zooms(), spec.spacing_mm)
+    spec = data_spec("cpu-demo")  # its HU window; the grid is the training cases' (the checkpoint's)
+    opened = Store(store)
+    shape, spacing_mm = opened.common_grid(opened.case_ids("train"))
+    assert img.shape == tuple(shape) == (32, 32, 32) and img.get_data_dtype() == np.int16
+    assert np.allclose(img.header.get_zooms(), spacing_mm)
     vol = np.asarray(img.dataobj)
     assert spec.hu_window[0] <= vol.min() and vol.max() <= spec.hu_window[1] and vol.std() > 0
     assert (out / "volume.zarr").is_dir() and (out / "preview.png").is_file()
