@@ -19,9 +19,10 @@ and DataLoader workers are capped for a 2-core machine). Stages, each a subproce
 Then ``scaling``: encode and decode time per tile on two volume sizes (the full volume and a
 z-crop with half the tiles), in this process, to show time linear in the number of tiles.
 
-Peak RSS per stage: ``peak_rss_mb`` is the largest single process (``os.wait4``'s
-``ru_maxrss``: the stage and the children it waited for); ``peak_tree_rss_mb`` the largest sum
-over the stage's process tree (DataLoader workers included), sampled every 0.2 s with psutil.
+Peak RSS per stage, sampled every 0.2 s with psutil: ``peak_rss_mb`` is the largest single
+process of the stage's tree, ``peak_tree_rss_mb`` the largest sum over the tree (DataLoader
+workers included). Not ``ru_maxrss``: it keeps the high-water mark of the forked parent's image
+from before ``exec``, so every stage launched from a large process (pytest) reported the parent.
 Results: ``benchmarks/results/full-resolution-cpu.json``. ``tests/test_full_resolution.py``
 runs the same functions at a reduced size (several tiles per axis, a non-cubic latent).
 """
@@ -98,14 +99,14 @@ def _run_stage(name: str, cli_args: list[str], log_dir: Path, *, env: dict | Non
         fh.write(" ".join(cmd) + "\n")
         fh.flush()
         proc = subprocess.Popen(cmd, cwd=REPO, env=child_env, stdout=fh, stderr=subprocess.STDOUT)
-        ps, tree_peak = psutil.Process(proc.pid), 0
+        ps, tree_peak, single_peak = psutil.Process(proc.pid), 0, 0
         while True:
             pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
             if pid:
                 break
             try:
-                procs = [ps, *ps.children(recursive=True)]
-                tree_peak = max(tree_peak, sum(p.memory_info().rss for p in procs if p.is_running()))
+                rss = [p.memory_info().rss for p in (ps, *ps.children(recursive=True)) if p.is_running()]
+                tree_peak, single_peak = max(tree_peak, sum(rss)), max(single_peak, *rss, 0)
             except psutil.Error:
                 pass
             time.sleep(0.2)
@@ -114,7 +115,7 @@ def _run_stage(name: str, cli_args: list[str], log_dir: Path, *, env: dict | Non
     if proc.returncode != 0:
         tail = "\n".join(log.read_text().splitlines()[-15:])
         raise RuntimeError(f"stage {name} failed (exit {proc.returncode}), log {log}:\n{tail}")
-    result = {"seconds": round(seconds, 1), "peak_rss_mb": round(usage.ru_maxrss / 1024.0, 1),
+    result = {"seconds": round(seconds, 1), "peak_rss_mb": round(single_peak / 2**20, 1),
               "peak_tree_rss_mb": round(tree_peak / 2**20, 1), "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 1)}
     print(f"[full-res] {name:16s} {result['seconds']:8.1f} s  peak RSS {result['peak_rss_mb']:7.0f} MB "
           f"(tree {result['peak_tree_rss_mb']:.0f} MB)", flush=True)

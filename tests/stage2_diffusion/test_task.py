@@ -101,7 +101,7 @@ def trained_run(tmp_path_factory) -> Path:
 def test_presets_resolve_and_bad_crop_is_an_input_error():
     task = DiffusionTask()
     demo = build_run_config(task, "cpu-demo", [])
-    assert demo.latent_shape is None and demo.data.crop is None and demo.train.lr == 2e-4  # None: from the store
+    assert demo.latent_shape is None and demo.data.crop is None and demo.train.lr == 3e-4  # None: from the store
     assert build_run_config(task, "cpu-demo", ["latent_shape=8,8,10"]).latent_shape == (8, 8, 10)
     big = build_run_config(task, "ctpa-512", ["data.crop=64,64,64"])
     assert big.data.crop == (64, 64, 64) and big.unet.gradient_checkpointing
@@ -202,13 +202,15 @@ def test_validate_is_deterministic_and_leaves_the_rngs_alone(tmp_path_factory, t
         assert torch.equal(ctx.generator.get_state(), torch.Generator().manual_seed(7).get_state())
         assert torch.equal(torch.get_rng_state(), rng)
         # The loss sees the 8 timesteps in chunks of train.batch_size (3) with the centred crop's
-        # coordinates; the sample denoises the whole latent (2 CFG halves per step).
+        # coordinates; the sample denoises the whole latent (2 CFG halves per step; one at
+        # guidance 1, the cpu-demo default, where the unconditional half is not needed).
         crop = sets == ()
         loss_calls = [((3, 4, 4, 4, 4), ((2, 2, 2), (8, 8, 8)))] * 2 + [((2, 4, 4, 4, 4), ((2, 2, 2), (8, 8, 8)))]
         if not crop:
             loss_calls = [((b, 4, 8, 8, 8), ((0, 0, 0), (8, 8, 8))) for b in (3, 3, 2)]
         assert calls[:3] == loss_calls
-        assert calls[3:] == [((2, 4, 8, 8, 8), ((0, 0, 0), (8, 8, 8)))] * (3 if crop else 2)
+        halves = 1 if task.cfg.diffusion.guidance_scale == 1 else 2
+        assert calls[3:] == [((halves, 4, 8, 8, 8), ((0, 0, 0), (8, 8, 8)))] * (3 if crop else 2)
         losses.append(float(out["val_loss"]))
     assert losses[0] != losses[1]  # the whole latents' loss is another number than the centred crops'
 
