@@ -25,7 +25,7 @@ def phantom_volume(shape=FULL_SHAPE, seed: int = 0) -> np.ndarray:
     path = CACHE / f"phantom-{'x'.join(map(str, shape))}-s{seed}.npy"
     if path.exists():
         return np.load(path, mmap_mode=None)
-    from patching.phantom import synth_chest
+    from patching.phantoms.chest import synth_chest
 
     hu = synth_chest(tuple(shape), seed=seed, fov_mm=tuple(n * s for n, s in zip(shape, FULL_SPACING))
                      if tuple(shape) == FULL_SHAPE else (360.0, 360.0, 360.0)).hu

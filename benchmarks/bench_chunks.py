@@ -2,7 +2,7 @@
 
 For each chunk shape × codec: write time, bytes on disk, and the mean time to read a
 256×256×128 tile at grid positions (overlap 0.25) and at random (jittered) positions of a
-512×512×604 int16 phantom. Prints a table; the store's default (patching/store.py) is the row
+512×512×604 int16 phantom. Prints a table; the store's default (patching/data/store.py) is the row
 marked "*".
 
 Run: ``.venv/bin/python benchmarks/bench_chunks.py`` (a few minutes).
@@ -29,8 +29,8 @@ def main() -> int:
     import zarr
     from zarr.codecs import BloscCodec
 
-    from patching.grid import tile_grid
-    from patching.store import CT_CODEC, DEFAULT_CT_CHUNKS
+    from patching.data.store import CT_CODEC, DEFAULT_CT_CHUNKS
+    from patching.tiling.grid import tile_grid
 
     hu = phantom_volume()
     grid = tile_grid(hu.shape, TILE, 0.25)

@@ -4,11 +4,11 @@ Target: ``render_drr`` (HU in, image out, everything included) in at most 0.5 s 
 ``torch.set_num_threads(2)``. Times are medians of several runs after a warm-up (the minimum is
 printed too: on a shared 2-core machine other processes can inflate the median severalfold;
 the 1-minute load average is printed and recorded). In the same
-process, a naive baseline: :func:`patching.drr.raymarch_line_integrals`, every ray marched at half
+process, a naive baseline: :func:`patching.projection.drr.raymarch_line_integrals`, every ray marched at half
 a voxel through a 3D ``grid_sample`` (the textbook DRR), with the speed-up and the largest
 difference between the two images.
 
-The volume is the chest phantom when ``patching.phantom.synth_chest`` exists (cached under
+The volume is the chest phantom when ``patching.phantoms.chest.synth_chest`` exists (cached under
 ``$XRAY2CT_BENCH_CACHE``), else a procedural chest of ellipsoids (body, lungs, heart, spine);
 the timing does not depend on the content.
 
@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from benchmarks._common import record  # noqa: E402
-from patching.drr import (  # noqa: E402
+from patching.projection.drr import (  # noqa: E402
     DRRGeometry,
     hu_to_mu,
     integrals_to_image,
@@ -64,7 +64,7 @@ def ellipsoid_chest(shape, spacing) -> torch.Tensor:
 def chest_volume() -> tuple[torch.Tensor, tuple[float, float, float], str]:
     spacing = tuple(f / n for f, n in zip(FOV_MM, SHAPE, strict=True))
     try:
-        import patching.phantom as phantom
+        import patching.phantoms.chest as phantom
 
         if hasattr(phantom, "synth_chest"):
             from benchmarks._common import phantom_volume

@@ -52,7 +52,7 @@ def main() -> int:
 
     torch.set_num_threads(1)
     t0 = time.perf_counter()
-    from patching.phantom import synth_chest
+    from patching.phantoms.chest import synth_chest
 
     synth_chest((32, 32, 32), seed=0, emboli=True)  # imports scipy pieces, first-call set-up
     cold = time.perf_counter() - t0

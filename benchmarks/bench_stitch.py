@@ -6,18 +6,18 @@ HU window (-1024, 1600) → [-1, 1], a predictor that returns a copy of its (flo
 
 * ``monai``: the whole int16 volume is converted to a float32 tensor and windowed — the
   cheapest way a user can do it, one float32 allocation and in-place ops
-  (``torch.from_numpy(hu).float().clamp_(lo, hi).mul_(s).add_(b)``; ``patching.spec.hu_to_unit``
+  (``torch.from_numpy(hu).float().clamp_(lo, hi).mul_(s).add_(b)``; ``patching.data.spec.hu_to_unit``
   would allocate four more full-size temporaries) — then ``sliding_window_inference`` on the
   1×1×X×Y×Z tensor, sw_batch_size 1. The conversion counts in its time and memory.
-* ``ours``: :func:`patching.stitch.sliding_window` on the int16 numpy volume; each tile is cast
+* ``ours``: :func:`patching.tiling.stitch.sliding_window` on the int16 numpy volume; each tile is cast
   to float32 into a reused buffer and windowed in place there (``input_map=window_to_unit(...)``).
 * ``ours-ooc``: the same out of core, Zarr → Zarr: the int16 input stored as
-  :mod:`patching.store` stores CT (chunks 64×64×32, blosc-zstd with bitshuffle), the float32 result
+  :mod:`patching.data.store` stores CT (chunks 64×64×32, blosc-zstd with bitshuffle), the float32 result
   written to an uncompressed Zarr array with chunks ``OUT_CHUNKS`` (see ``docs/patching.md``).
 
 * ``nibabel`` vs ``tiles``: the same volume read whole from ``.nii.gz`` by nibabel, against one
   pass over all its 54 grid tiles (256×256×128, overlap 0.25) through
-  :class:`patching.tiles.TileDataset` from a store (decoded, HU window applied).
+  :class:`patching.tiling.tiles.TileDataset` from a store (decoded, HU window applied).
 
 Each variant runs in its own child process (``--variant NAME``) so that its peak RSS
 (``VmHWM``) is its own; the parent runs the set ``--repeat`` times, variants interleaved in the
@@ -97,7 +97,7 @@ def run_variant(variant: str, work: Path) -> dict:
     if variant == "ours-ooc":
         import zarr
 
-        from patching.stitch import sliding_window, window_to_unit
+        from patching.tiling.stitch import sliding_window, window_to_unit
 
         src = zarr.open_array(str(work / "vol.zarr"), mode="r")
         out = zarr.create_array(
@@ -128,7 +128,7 @@ def run_variant(variant: str, work: Path) -> dict:
                 inputs[None, None], ROI, 1, copy_predictor, overlap=OVERLAP, mode="gaussian", sigma_scale=SIGMA
             )[0, 0]
     elif variant == "ours":
-        from patching.stitch import sliding_window, window_to_unit
+        from patching.tiling.stitch import sliding_window, window_to_unit
 
         base = rss_mb()
         c0, t0 = cpu_s(), time.perf_counter()
@@ -153,7 +153,7 @@ def run_read_variant(variant: str, work: Path) -> dict:
         hu = np.asarray(nib.load(work / "ct.nii.gz").dataobj)
         n = 1
     else:
-        from patching.tiles import TileDataset
+        from patching.tiling.tiles import TileDataset
 
         ds = TileDataset(work / "store.zarr", split="train", tile=ROI, mode="grid")
         base = rss_mb()
@@ -194,7 +194,7 @@ def main() -> int:
     import zarr
 
     from benchmarks._common import phantom_volume
-    from patching.store import CT_CODEC, DEFAULT_CT_CHUNKS
+    from patching.data.store import CT_CODEC, DEFAULT_CT_CHUNKS
 
     work = Path(tempfile.mkdtemp(prefix="bench-stitch-"))
     try:
@@ -207,8 +207,8 @@ def main() -> int:
         import nibabel as nib
 
         from benchmarks._common import FULL_SPACING
-        from patching.spec import centred_affine
-        from patching.store import Store
+        from patching.data.spec import centred_affine
+        from patching.data.store import Store
 
         affine = centred_affine(hu.shape, FULL_SPACING)
         nib.save(nib.Nifti1Image(hu, affine), work / "ct.nii.gz")

@@ -46,9 +46,9 @@ def main() -> int:
     import torch
     from torch.utils.data import DataLoader
 
-    from patching.spec import centred_affine
-    from patching.store import Store
-    from patching.tiles import TileDataset
+    from patching.data.spec import centred_affine
+    from patching.data.store import Store
+    from patching.tiling.tiles import TileDataset
 
     torch.set_num_threads(2)
     hu = phantom_volume(tuple(args.shape))

@@ -18,8 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-from patching.metrics import bootstrap_ci, psnr  # noqa: E402
-from patching.store import Store  # noqa: E402
+from patching.data.store import Store  # noqa: E402
+from patching.metrics.scores import bootstrap_ci, psnr  # noqa: E402
 from stage1_vqgan.codec import decode_latent  # noqa: E402
 from stage1_vqgan.encode import load_vqgan  # noqa: E402
 

@@ -62,8 +62,8 @@ def per_step_cost(run: Path) -> float:
 
 
 def make_store(path: Path, num: int, seed: int) -> None:
-    from patching.store import Store
-    from patching.synth_store import synthesize
+    from patching.data.store import Store
+    from patching.data.synth_store import synthesize
 
     synthesize(Store(path, create=True), num, (64, 64, 64), seed=seed, emboli=0.3, workers=1, progress=False)
 

@@ -23,8 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from benchmarks._common import record  # noqa: E402
-from patching.drr import DRRGeometry, hu_to_mu, line_integrals  # noqa: E402
-from patching.phantom import synth_chest  # noqa: E402
+from patching.phantoms.chest import synth_chest  # noqa: E402
+from patching.projection.drr import DRRGeometry, hu_to_mu, line_integrals  # noqa: E402
 from tests.patching.siddon import ncc, siddon_line_integrals  # noqa: E402
 from tests.patching.test_drr_siddon import chest_ct_like  # noqa: E402
 

@@ -6,7 +6,7 @@ means (scikit-image) and CNCL trained at ``cpu-demo`` scale, with bootstrap 95 %
    under ``--work``.
 2. CNCL trained with the CLI's own entry point (``python -m launch.train cncl --preset cpu-demo
    --max-steps N``, under ``nice``), or ``--run PATH`` to reuse a run.
-3. Each test phantom made quarter dose by :func:`patching.lowdose.simulate_volume` (seeded per case
+3. Each test phantom made quarter dose by :func:`patching.projection.lowdose.simulate_volume` (seeded per case
    with ``evaluate``'s :func:`case_seed`), then denoised by
    - ``nlm``: ``skimage.restoration.denoise_nl_means`` slice by slice (axial, as the noise is made
      and as CNCL works), ``h = 0.8·σ̂`` with σ̂ from ``estimate_sigma`` of the slice, 5² patches,
@@ -14,8 +14,8 @@ means (scikit-image) and CNCL trained at ``cpu-demo`` scale, with bootstrap 95 %
    - ``cncl``: :func:`gan_baselines.cncl.denoise.denoise_hu` (the sliding window of
      ``xray2ct denoise``).
 4. PSNR (data range 2624 HU = the preset's window [-1024, 1600], both clipped to it), 3D SSIM (same
-   range) and MAE in HU (:mod:`patching.metrics`) of each against the clean phantom, per case; mean
-   and percentile-bootstrap 95 % CI over cases (:func:`patching.metrics.bootstrap_ci`), and paired
+   range) and MAE in HU (:mod:`patching.metrics.scores`) of each against the clean phantom, per case; mean
+   and percentile-bootstrap 95 % CI over cases (:func:`patching.metrics.scores.bootstrap_ci`), and paired
    differences against the low-dose input.
 5. The simulator: noise std at full, half and quarter dose in a uniform water disk (against the
    noiseless reconstruction) and the process CPU time of its torch projector + FBP against
@@ -46,7 +46,10 @@ import torch  # noqa: E402
 from benchmarks._common import record  # noqa: E402
 from gan_baselines.cncl.denoise import denoise_hu, load_denoiser  # noqa: E402
 from launch.evaluate_methods import case_seed  # noqa: E402
-from patching.lowdose import (
+from patching.data.store import Store  # noqa: E402
+from patching.data.synth_store import synthesize  # noqa: E402
+from patching.metrics.scores import bootstrap_ci, mae_hu, psnr, ssim3d  # noqa: E402
+from patching.projection.lowdose import (
     QUARTER_DOSE,
     LowDoseScanner,
     default_angles,
@@ -56,9 +59,6 @@ from patching.lowdose import (
     scan,
     simulate_volume,  # noqa: E402
 )
-from patching.metrics import bootstrap_ci, mae_hu, psnr, ssim3d  # noqa: E402
-from patching.store import Store  # noqa: E402
-from patching.synth_store import synthesize  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 WINDOW = (-1024.0, 1600.0)  # the cpu-demo preset's HU window

@@ -12,7 +12,7 @@ whole-latent denoising once the model is trained? (issue: stage 2, section 5)
    bootstrap 95 % CIs for PSNR and the projection-consistency PSNR (PA, lateral).
 4. Seams: each test case's first-sample latent decoded with the VQ-GAN's tiled codec and in one
    tile (no borders at all); the seam-band error ratio against the ground truth
-   (:func:`patching.seams.seam_ratio`, bands 2 voxels either side of every interior border of
+   (:func:`patching.tiling.seams.seam_ratio`, bands 2 voxels either side of every interior border of
    the codec's grid, pooled over the test cases) of both. The one-tile decode is the in-process
    baseline: equal ratios mean the tiling adds no seams.
 5. Windowed vs whole-latent denoising with the trained model: the same seed sampled with
@@ -45,10 +45,10 @@ import torch  # noqa: E402
 from benchmarks._common import record  # noqa: E402
 from launch.evaluate import evaluate  # noqa: E402
 from launch.evaluate_methods import case_seed  # noqa: E402
-from patching.metrics import bootstrap_ci, psnr  # noqa: E402
-from patching.seams import seam_ratio, tile_border_planes  # noqa: E402
-from patching.store import Store  # noqa: E402
-from patching.synth_store import synthesize  # noqa: E402
+from patching.data.store import Store  # noqa: E402
+from patching.data.synth_store import synthesize  # noqa: E402
+from patching.metrics.scores import bootstrap_ci, psnr  # noqa: E402
+from patching.tiling.seams import seam_ratio, tile_border_planes  # noqa: E402
 from stage1_vqgan.encode import encode_store  # noqa: E402
 from stage2_diffusion.pipeline import DiffusionReconstructor  # noqa: E402
 

@@ -46,8 +46,8 @@ import torch  # noqa: E402
 from benchmarks._common import record  # noqa: E402
 from launch.demo import train  # noqa: E402
 from launch.evaluate import evaluate  # noqa: E402
-from patching.store import Store  # noqa: E402
-from patching.synth_store import synthesize  # noqa: E402
+from patching.data.store import Store  # noqa: E402
+from patching.data.synth_store import synthesize  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 # method → (task, --set overrides); the perceptual feature file is added for s-xr2ct

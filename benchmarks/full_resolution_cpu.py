@@ -128,7 +128,7 @@ def _run_stage(name: str, cli_args: list[str], log_dir: Path, *, env: dict | Non
 def write_xray_pngs(store_path: Path, out: Path) -> tuple[str, Path, Path]:
     """PA and lateral PNG files of the store's last case (the input of ``xray2ct sample``)."""
     from launch.cli_data import write_image
-    from patching.store import Store
+    from patching.data.store import Store
 
     store = Store(store_path)
     cid = store.case_ids()[-1]
@@ -145,7 +145,7 @@ def check_nifti(path: Path, shape, spacing) -> dict:
     import nibabel as nib
     import SimpleITK as sitk
 
-    from patching.spec import centred_affine
+    from patching.data.spec import centred_affine
 
     img = nib.load(str(path))
     affine = centred_affine(shape, spacing)
@@ -215,8 +215,8 @@ def tile_scaling(store_path: Path, vqgan_run: Path, z_sizes) -> list[dict]:
     seconds per tile, in this process, one size after the other."""
     import torch
 
-    from patching.grid import tile_grid
-    from patching.store import Store
+    from patching.data.store import Store
+    from patching.tiling.grid import tile_grid
     from stage1_vqgan.codec import decode_latent, encode_volume
     from stage1_vqgan.encode import load_vqgan
 

@@ -56,7 +56,7 @@ def cncl_section(fig: dict) -> str:
         "## CNCL: low-dose CT denoising (benchmarks/eval_cncl.py)\n",
         f"Made by:\n\n```bash\n{c['command']}\n```\n",
         f"{n} held-out phantoms (64³, 5.625 mm) made quarter dose (dose {c['dose']:g}) by the simulator "
-        f"(`patching/lowdose.py`: projection, Poisson counts with {c['scanner']['photons_full_dose']:g} photons per ray "
+        f"(`patching/projection/lowdose.py`: projection, Poisson counts with {c['scanner']['photons_full_dose']:g} photons per ray "
         "at full dose plus electronic noise, log, FBP); scored against the clean phantom over the whole volume, "
         "both clipped to [-1024, 1600] HU, PSNR and SSIM with data range 2624 HU; mean and 95 % percentile-bootstrap "
         f"interval over the cases. CNCL: the `cpu-demo` preset trained {c['cncl']['run_steps']} steps "

@@ -36,7 +36,7 @@ from scipy import ndimage as ndi
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._common import record  # noqa: E402
-from patching.phantom import TISSUE_CLASSES, synth_chest  # noqa: E402
+from patching.phantoms.chest import TISSUE_CLASSES, synth_chest  # noqa: E402
 
 # tissue class -> (low, high, source); None: reported, no published range checked.
 PUBLISHED = {

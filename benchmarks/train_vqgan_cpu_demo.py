@@ -14,7 +14,7 @@ and in HU (data range = the HU window width, 2624 HU).
 3. The EMA weights are read back from the checkpoint (:func:`stage1_vqgan.encode.load_vqgan`),
    and every val and test phantom goes through ``encode_volume`` → ``decode_latent`` (codec tiles
    32³ / 8³, overlap 0.25, Gaussian blending). PSNR from the pooled MSE per split, SSIM
-   (:func:`patching.metrics.ssim3d` on HU, data range 2624, as docs/metrics.md), MAE in HU; the
+   (:func:`patching.metrics.scores.ssim3d` on HU, data range 2624, as docs/metrics.md), MAE in HU; the
    ground truth is the phantom clipped to the HU window (what the model is trained to reproduce).
 
 Run (about 11 minutes on the project's 2 shared cores; the recorded run)::
@@ -45,10 +45,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks._common import record  # noqa: E402
-from patching.metrics import psnr, ssim3d  # noqa: E402
-from patching.spec import hu_to_unit, unit_to_hu  # noqa: E402
-from patching.store import Store  # noqa: E402
-from patching.synth_store import synthesize  # noqa: E402
+from patching.data.spec import hu_to_unit, unit_to_hu  # noqa: E402
+from patching.data.store import Store  # noqa: E402
+from patching.data.synth_store import synthesize  # noqa: E402
+from patching.metrics.scores import psnr, ssim3d  # noqa: E402
 from stage1_vqgan.codec import decode_latent, encode_volume  # noqa: E402
 from stage1_vqgan.encode import load_vqgan  # noqa: E402
 from stage1_vqgan.task import VQGANTask  # noqa: E402

@@ -1,6 +1,6 @@
 """Small pieces shared by the GAN baselines: view frames, projections, LSGAN, init, optimiser.
 
-Axis conventions (docs/architecture.md, "Conventions"; the same as :mod:`patching.drr`):
+Axis conventions (docs/architecture.md, "Conventions"; the same as :mod:`patching.projection.drr`):
 
 - A volume is ``B×C×X×Y×Z`` in RAS+: ``x`` grows to the patient's Right, ``y`` to Anterior,
   ``z`` to Superior.
@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import Tensor, nn
 
-from patching.drr import parallel_projection
 from patching.errors import InputError
+from patching.projection.drr import parallel_projection
 
 XRAY_VIEWS = ("pa", "lateral")  # the views a model takes as input
 PROJECTION_VIEWS = ("pa", "lateral", "axial")  # the views a projection loss may use
@@ -88,7 +88,7 @@ def xray_to_volume(image: Tensor, view: str, shape: Sequence[int]) -> Tensor:
 def axial_projection(volume: Tensor) -> Tensor:
     """Mean along ``z``: ``B×C×X×Y×Z`` → ``B×C×Y×X`` image, row 0 anterior, col 0 patient's right.
 
-    :func:`patching.drr.parallel_projection` has no axial view (there is no axial radiograph),
+    :func:`patching.projection.drr.parallel_projection` has no axial view (there is no axial radiograph),
     so the loss's third view is this plain mean over ``z``.
     """
     image = rearrange(volume.mean(dim=4), "b c x y -> b c y x")

@@ -9,15 +9,15 @@ resampled to ``volume_size³`` (32³ for ``cpu_demo()``, 128³ X2CT-GAN, 224³ X
 on its own (a non-cubic volume becomes a cube of anisotropic voxels, as in the papers'
 preprocessing), and the interpolation is not antialiased (a factor-2 reduction averages 2×2×2
 neighbours; larger factors subsample). X-rays are resized with
-:func:`patching.xray_io.resize_xray` (antialiased bilinear). Volumes stay in the project's
+:func:`patching.data.xray_io.resize_xray` (antialiased bilinear). Volumes stay in the project's
 [-1, 1]; the tasks map them to the papers' [0, 1] (``gan_baselines.common.to_model_range``).
 
 Data position (docs/training.md, "Data-position contract"): each epoch is a deterministic
 permutation of the split's cases, drawn from ``np.random.SeedSequence([seed, epoch, salt])``;
 stream position ``p`` goes to rank ``p mod W`` counting from the resume position (every rank the
-same number of cases, :func:`patching.tiles.shard_positions` with ``even=True``), and a rank's
+same number of cases, :func:`patching.tiling.tiles.shard_positions` with ``even=True``), and a rank's
 batch-sized blocks go round-robin to its DataLoader workers
-(:func:`patching.tiles.worker_positions`). ``state_dict()`` / ``load_state_dict()`` carry
+(:func:`patching.tiling.tiles.worker_positions`). ``state_dict()`` / ``load_state_dict()`` carry
 ``{"epoch", "position"}`` (global samples consumed in the epoch); a resumed run continues with
 the very next case, on any number of processes.
 """
@@ -32,11 +32,11 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import IterableDataset
 
+from patching.data.spec import hu_to_unit
+from patching.data.store import Case, Store
+from patching.data.xray_io import resize_xray
 from patching.errors import InputError
-from patching.spec import hu_to_unit
-from patching.store import Case, Store
-from patching.tiles import CaseStreamPosition
-from patching.xray_io import resize_xray
+from patching.tiling.tiles import CaseStreamPosition
 
 ORDER_SALT = 7  # separates the case permutation from other (seed, epoch) streams
 

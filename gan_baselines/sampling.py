@@ -4,15 +4,15 @@
     hu = rec.reconstruct({"pa": pa, "lateral": lateral})   # (1, X, Y, Z) int16 HU, the training cases' grid
 
 Weights come from any weights path (a run directory, ``checkpoints/``, ``latest``, ``step-N`` or
-an ``xray2ct export``), read through :mod:`patching.artifact` (safetensors and JSON only; the
+an ``xray2ct export``), read through :mod:`patching.artifacts.format` (safetensors and JSON only; the
 generator's EMA weights when the run kept them; stage packages never import ``launch``).
 
-Pipeline (:class:`GanReconstructor`, the method's :class:`patching.reconstruct.Reconstructor`):
+Pipeline (:class:`GanReconstructor`, the method's :class:`patching.artifacts.reconstruct.Reconstructor`):
 X-rays resized to the model's X-ray size → generator → the model's [0, 1] back to the project's
 [-1, 1] → HU by the training window → trilinear (``align_corners=False``) from the model's cube
 to the full shape of the training cases (recorded in the checkpoint's extra state by the task;
 older checkpoints: the preset's; or the shape asked for) → int16 HU; files are written by
-:func:`patching.reconstruct.sample_files`.
+:func:`patching.artifacts.reconstruct.sample_files`.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from patching.artifact import (
+from patching.artifacts.format import (
     describe,
     model_state,
     read_extra,
@@ -34,11 +34,11 @@ from patching.artifact import (
     resolve_weights,
     task_config,
 )
+from patching.artifacts.reconstruct import Reconstructor, sample_files
 from patching.checks import resolve_device
+from patching.data.spec import VolumeSpec, data_spec
+from patching.data.xray_io import resize_xray
 from patching.errors import InputError
-from patching.reconstruct import Reconstructor, sample_files
-from patching.spec import VolumeSpec, data_spec
-from patching.xray_io import resize_xray
 
 from . import s_xr2ct, x2ct_gan, x_recon
 from .common import from_model_range
@@ -67,7 +67,7 @@ class LoadedGenerator:
     volume: dict | None = None  # the training cases' grid (extra state): shape, spacing_mm, hu_window
 
 
-# --- finding and reading weights: patching.artifact (shared by every sampler) -----------------
+# --- finding and reading weights: patching.artifacts.format (shared by every sampler) -----------------
 
 
 def checkpoint_preset(path: str | os.PathLike) -> str:
@@ -171,6 +171,6 @@ class GanReconstructor(Reconstructor):
 def sample_gan(checkpoint: Path, pa: Path | None, lateral: Path | None, out: Path, preset: VolumeSpec, *,
                device: str | torch.device = "cpu") -> dict[str, Path]:
     """Reconstruct one CT from X-ray files with a GAN baseline and write it into ``out``
-    (:func:`patching.reconstruct.sample_files` on the grid of ``preset``)."""
+    (:func:`patching.artifacts.reconstruct.sample_files` on the grid of ``preset``)."""
     return sample_files(GanReconstructor.from_path(checkpoint, device=device, spec=preset), pa, lateral, out,
                         progress=False)

@@ -29,7 +29,7 @@ host memory during a save (model + optimizer state once) — fine up to a few GB
 Publishing: files are written into ``checkpoints/.tmp-step-<N>-<token>/``, fsynced, the
 directory renamed to ``step-<N>`` and ``checkpoints/latest`` (a one-line text file naming the
 directory) replaced through a rename. A process killed at any point leaves the previous
-checkpoint and ``latest`` intact; ``<token>`` names the writer (:mod:`patching.staging`), so
+checkpoint and ``latest`` intact; ``<token>`` names the writer (:mod:`patching.data.staging`), so
 the next save removes stale ``.tmp-*`` directories and never a live writer's. A write the file
 system refuses on any rank removes the staging directory on every rank's agreement and raises
 one :class:`~patching.errors.StorageError` line (docs/reliability.md).
@@ -51,12 +51,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from patching.artifact import CHECKPOINT_FORMAT as FORMAT
-from patching.artifact import CHECKPOINT_VERSION as VERSION
-from patching.artifact import LATEST, pointed_checkpoint, read_checkpoint_meta, step_name
-from patching.artifact import STEP_RE as _STEP_RE
+from patching.artifacts.format import CHECKPOINT_FORMAT as FORMAT
+from patching.artifacts.format import CHECKPOINT_VERSION as VERSION
+from patching.artifacts.format import LATEST, pointed_checkpoint, read_checkpoint_meta, step_name
+from patching.artifacts.format import STEP_RE as _STEP_RE
+from patching.data.staging import clean_stale, host_id, owner_tag
 from patching.errors import InputError, StorageError
-from patching.staging import clean_stale, host_id, owner_tag
 
 # What load_checkpoint reads from meta.json (read_checkpoint_meta adds format, version, step).
 RESUME_KEYS: dict[str, Any] = {
@@ -261,14 +261,14 @@ def staging_dir(root: Path, step: int, token: str) -> Path:
 
 def staging_token(nonce: int, pid: int, host: int) -> str:
     """The suffix of a staging directory: unique, and naming its writer (rank 0's pid and host,
-    :func:`patching.staging.owner_tag`) so a later writer can tell its own or a dead process's
+    :func:`patching.data.staging.owner_tag`) so a later writer can tell its own or a dead process's
     leftovers from a live writer's."""
     return f"{nonce:012x}{owner_tag(pid, host)}"
 
 
 def clean_stale_staging(root: Path, current: Path | None = None) -> list[Path]:
     """Remove the ``.tmp-step-*`` / ``.trash-*`` directories under ``root`` that no live writer
-    owns (:func:`patching.staging.is_stale`: this process's failed attempts, dead writers')."""
+    owns (:func:`patching.data.staging.is_stale`: this process's failed attempts, dead writers')."""
     return clean_stale(root, lambda n: n.startswith((".tmp-step-", ".trash-")), keep=current)
 
 
@@ -329,7 +329,7 @@ def prune(root: Path, keep_last: int, protect: Iterable[Path] = ()) -> list[Path
 
 
 def read_meta(ckpt: Path, keys: dict[str, Any] | None = None) -> dict:
-    """``meta.json`` of ``ckpt``, validated (:func:`patching.artifact.read_checkpoint_meta`:
+    """``meta.json`` of ``ckpt``, validated (:func:`patching.artifacts.format.read_checkpoint_meta`:
     an object, format marker, version, step agreeing with the directory, safe model names, and
     ``keys``); bad metadata is a one-line :class:`InputError`."""
     return read_checkpoint_meta(ckpt, keys)

@@ -137,7 +137,7 @@ def _encode(args) -> int:
 
 def _sample(args) -> int:
     from launch.tasks import load_reconstructor
-    from patching.reconstruct import sample_files
+    from patching.artifacts.reconstruct import sample_files
 
     rec = load_reconstructor(args.checkpoint, device=args.device, steps=args.steps, guidance=args.guidance)
     if args.windowed:
@@ -153,7 +153,7 @@ def _sample(args) -> int:
 def _denoise(args) -> int:
     from gan_baselines.cncl.denoise import denoise_file
     from gan_baselines.sampling import checkpoint_preset
-    from patching.spec import data_spec
+    from patching.data.spec import data_spec
 
     window = data_spec(checkpoint_preset(args.checkpoint)).hu_window
     out = denoise_file(args.checkpoint, args.input, args.out, window, dose=args.dose, seed=args.seed,

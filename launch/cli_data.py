@@ -9,13 +9,13 @@ from pathlib import Path
 import numpy as np
 
 from patching.checks import safe_name
+from patching.data.store import Store
 from patching.errors import InputError, StorageError
-from patching.store import Store
 
 
 def _synth(args) -> int:
     from launch.presets import data_spec
-    from patching.synth_store import cpu_count, synthesize
+    from patching.data.synth_store import cpu_count, synthesize
 
     spec = data_spec(args.preset)
     shape = tuple(args.shape) if args.shape else spec.shape
@@ -29,8 +29,8 @@ def _synth(args) -> int:
 
 def _ingest(args) -> int:
     from launch.presets import data_spec
-    from patching.ingest import ingest
-    from patching.splits import SplitAssignment, read_splits
+    from patching.data.ingest import ingest
+    from patching.data.splits import SplitAssignment, read_splits
 
     spec = data_spec(args.preset)
     for src in args.sources:
@@ -51,7 +51,7 @@ def _ingest(args) -> int:
 
 
 def _load_volume(path: str):
-    from patching.ingest import load_nifti
+    from patching.data.ingest import load_nifti
 
     if not os.path.isfile(path):
         raise InputError(path, "no such file")
@@ -59,14 +59,14 @@ def _load_volume(path: str):
 
 
 def _drr(args) -> int:
-    from patching.synth_store import render_store_views
+    from patching.data.synth_store import render_store_views
 
     if args.input:
         if not args.out:
             raise InputError("--out", "is required with --input")
         import torch
 
-        from patching.drr import DRRGeometry, render_drr
+        from patching.projection.drr import DRRGeometry, render_drr
 
         hu, spacing, _ = _load_volume(args.input)
         kw = {k: v for k, v in dict(sdd_mm=args.sdd, sid_mm=args.sid, height=args.height, width=args.width,
@@ -135,7 +135,7 @@ def inspect_table(store: Store) -> str:
 
 
 def _preview(args) -> int:
-    from patching.preview import save_triplanar_png
+    from patching.data.preview import save_triplanar_png
 
     safe_name(args.case, "--case", "case id")  # checked like an id read from a file
     store = Store(args.store)
@@ -147,9 +147,9 @@ def _preview(args) -> int:
 
 
 def _lowdose(args) -> int:
-    from patching.ingest import load_nifti
-    from patching.lowdose import LowDoseScanner, check_dose, simulate_volume
-    from patching.volume_io import check_nifti_out, write_nifti_like
+    from patching.data.ingest import load_nifti
+    from patching.data.volume_io import check_nifti_out, write_nifti_like
+    from patching.projection.lowdose import LowDoseScanner, check_dose, simulate_volume
 
     out = check_nifti_out(args.out)
     dose = check_dose(args.dose)

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Literal, Union
 
-from patching.artifact import _hints, _plain, config_from_dict, config_to_dict  # noqa: F401  (re-exported)
+from patching.artifacts.format import _hints, _plain, config_from_dict, config_to_dict  # noqa: F401  (re-exported)
 from patching.errors import InputError
 
 from .schedules import LR_DECAYS

@@ -47,10 +47,10 @@ import numpy as np
 
 from launch.cli_data import inspect_table, write_image
 from launch.presets import data_spec
+from patching.data.preview import save_grid_png, triplanar_image
+from patching.data.store import Store
+from patching.data.synth_store import cpu_count, synthesize
 from patching.errors import InputError
-from patching.preview import save_grid_png, triplanar_image
-from patching.store import Store
-from patching.synth_store import cpu_count, synthesize
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_STAGES = 6
@@ -244,7 +244,7 @@ def run_demo(args) -> int:
     _stage(5, f"reconstructing held-out case {case_id} from its X-ray PNG files")
     xrays = _export_xrays(store, case_id, _mkdir(out / "xrays"))
     from launch.tasks import load_reconstructor
-    from patching.reconstruct import sample_files
+    from patching.artifacts.reconstruct import sample_files
 
     samples = {name: sample_files(load_reconstructor(runs / name, device="cpu"), xrays.get("pa"), xrays.get("lateral"),
                                   out / "samples" / name, seed=args.seed, progress=False)

@@ -91,7 +91,7 @@ def encode(store_path: str | Path, vqgan_path: str | Path, *, split: str | None 
     from accelerate import PartialState
     from accelerate.utils import gather_object
 
-    from patching.store import Store
+    from patching.data.store import Store
     from stage1_vqgan.encode import (
         case_ids_to_encode,
         encode_cases,

@@ -15,7 +15,7 @@ long version, a GAN example and the DDP rules)::
                                                   # without one is frozen (never DDP/FSDP-wrapped)
     build_schedulers(cfg, optimizers) -> dict[str, LRScheduler]   # optional, by optimizer name
     build_dataset(cfg, store, preset, split, rank, world_size, seed) -> IterableDataset
-                                                  # preset: patching.spec.VolumeSpec; seed: base
+                                                  # preset: patching.data.spec.VolumeSpec; seed: base
     train_step(batch, models, step, ctx) -> dict[str, Tensor]   # one micro-batch; updates via
                                                   # ctx.backward(loss, optimizer_name), in order
     collate_fn(samples) -> batch                  # optional

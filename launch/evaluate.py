@@ -6,7 +6,7 @@
 Every case of the split is reconstructed from its stored X-rays by every method (a checkpoint,
 run directory, ``latest`` file or export of X2CT-GAN, X-Recon or the diffusion model; see
 :mod:`launch.evaluate_methods`) and by the ``mean-train-volume`` baseline, and scored with
-:mod:`patching.metrics` against the ground truth, both clipped to the preset's HU window. Outputs
+:mod:`patching.metrics.scores` against the ground truth, both clipped to the preset's HU window. Outputs
 (:mod:`launch.evaluate_report`): ``per_case.csv``, ``summary.csv``, ``summary.md``,
 ``results.json`` and ``figures/<case>.png``, written aside and renamed into place.
 
@@ -39,10 +39,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from patching import metrics as M
 from patching.checks import resolve_device
+from patching.data.store import Case, Store
 from patching.errors import InputError
-from patching.store import Case, Store
+from patching.metrics import scores as M
 
 from .collective import problem as _problem
 from .collective import run_collectively as _collective
@@ -106,7 +106,7 @@ def _positive(value, flag: str, *, zero: bool = False) -> int:
 
 def case_context(case: Case, window: tuple[float, float]) -> tuple[dict, list[str]]:
     """What every method's output of ``case`` is compared with; and reasons for metrics skipped."""
-    from patching.drr import DRRGeometry
+    from patching.projection.drr import DRRGeometry
 
     lo, hi = window
     truth = np.clip(np.asarray(case.ct[...], dtype=np.float32), lo, hi)
@@ -163,8 +163,8 @@ def score(pred: np.ndarray, ctx: Mapping, lpips_net=None) -> dict:
 
 def figure_row(volume: np.ndarray, ctx: Mapping, title: str):
     """One figure row: axial, coronal, sagittal through the centre and the PA DRR (store geometry)."""
-    from patching.drr import render_drr
-    from patching.preview import triplanar_image
+    from patching.data.preview import triplanar_image
+    from patching.projection.drr import render_drr
 
     case = ctx["case"]
     xrays = {}

@@ -7,7 +7,7 @@ trilinear interpolation (``align_corners=False``) and ``info["resampled"]`` / th
 ``resampled`` flag say so.
 
 - :class:`ReconstructorMethod` — any X-ray → CT method (diffusion, X2CT-GAN, X-Recon, ...)
-  through its :class:`patching.reconstruct.Reconstructor`, loaded by
+  through its :class:`patching.artifacts.reconstruct.Reconstructor`, loaded by
   :func:`launch.tasks.load_reconstructor` from the checkpoint's task. The case's stored X-rays
   of the views the model takes; a stochastic method draws ``K`` samples per case from a seed
   derived from ``--seed`` and the case id (:func:`case_seed`), so a case gets the same samples
@@ -27,9 +27,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from patching.artifacts.reconstruct import to_shape
+from patching.data.store import Case, Store
 from patching.errors import InputError
-from patching.reconstruct import to_shape
-from patching.store import Case, Store
 
 MEAN_BASELINE = "mean-train-volume"
 

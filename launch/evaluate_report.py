@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from patching import metrics as M
+from patching.metrics import scores as M
 
 # key, Markdown label, which way is better, digits shown
 METRICS: tuple[tuple[str, str, str, int], ...] = (
@@ -225,7 +225,7 @@ def write_outputs(out: str | os.PathLike, results: Mapping, figures: Mapping[str
     ``figures`` maps a case id to its preview rows (PIL images, top to bottom). An existing
     ``out`` (an earlier evaluation) is moved aside first and deleted after the rename.
     """
-    from patching.preview import save_grid_png
+    from patching.data.preview import save_grid_png
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,6 @@
 """``xray2ct export --checkpoint PATH --out DIR``: the weights to sample with, diffusers-style.
 
-``PATH`` is any weights path (:func:`patching.artifact.resolve_weights`: a run directory, its
+``PATH`` is any weights path (:func:`patching.artifacts.format.resolve_weights`: a run directory, its
 ``checkpoints/``, the ``latest`` pointer, a ``step-N`` directory or another export). Writes
 into ``DIR``::
 
@@ -16,7 +16,7 @@ into ``DIR``::
     config.json                format, task name and import path, preset and its data spec,
                                step, the resolved run config, and where each model's weights are
 
-:func:`load_weights` reads an export *or* a checkpoint through :mod:`patching.artifact`, as
+:func:`load_weights` reads an export *or* a checkpoint through :mod:`patching.artifacts.format`, as
 every sampler does. Nothing here unpickles anything.
 """
 
@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from patching.artifact import (
+from patching.artifacts.format import (
     EXPORT_FORMAT,
     EXPORT_VERSION,
     model_state,
@@ -41,9 +41,9 @@ from patching.artifact import (
     read_run,
     resolve_weights,
 )
+from patching.data.spec import DATA_PRESETS
+from patching.data.staging import clean_stale, owner_tag
 from patching.errors import InputError, StorageError
-from patching.spec import DATA_PRESETS
-from patching.staging import clean_stale, owner_tag
 
 from . import checkpoint as ck
 

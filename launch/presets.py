@@ -1,14 +1,14 @@
 """Named presets. Presets are code: functions returning typed config dataclasses.
 
-The data part of each preset (a :class:`patching.spec.VolumeSpec`) lives in :mod:`patching.spec`,
+The data part of each preset (a :class:`patching.data.spec.VolumeSpec`) lives in :mod:`patching.data.spec`,
 so every layer reads it; this module adds the engine's training section. Model and task
 sections are in each task's own registry.
 """
 
 from __future__ import annotations
 
+from patching.data.spec import DATA_PRESETS, cpu_demo_data, ctpa_512_data, data_spec  # noqa: F401  (re-exported)
 from patching.errors import InputError
-from patching.spec import DATA_PRESETS, cpu_demo_data, ctpa_512_data, data_spec  # noqa: F401  (re-exported)
 
 from .config import TrainConfig
 

@@ -25,7 +25,7 @@ TASKS: dict[str, str] = {
 }
 
 # Reconstructors: a checkpoint's task → the ``module:Class`` of its
-# :class:`patching.reconstruct.Reconstructor`. `xray2ct sample`, `evaluate` and `demo` load
+# :class:`patching.artifacts.reconstruct.Reconstructor`. `xray2ct sample`, `evaluate` and `demo` load
 # every method through :func:`load_reconstructor`; adding a method = one class + one line here.
 RECONSTRUCTORS: dict[str, str] = {
     "diffusion": "stage2_diffusion.pipeline:DiffusionReconstructor",
@@ -104,10 +104,10 @@ def _is_task(obj: Any) -> bool:
 
 
 def load_reconstructor(path: str | os.PathLike, **options: Any):
-    """The :class:`patching.reconstruct.Reconstructor` of the checkpoint, run, ``latest``,
+    """The :class:`patching.artifacts.reconstruct.Reconstructor` of the checkpoint, run, ``latest``,
     ``step-N`` or export at ``path``, chosen by the task it records (``options``: ``device``,
     ``steps``, ``guidance``)."""
-    from patching.artifact import describe
+    from patching.artifacts.format import describe
 
     meta = describe(path)
     ref = meta.get("task_ref")

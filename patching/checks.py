@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import InputError
+from patching.errors import InputError
 
 SLAB_VOXELS = 1 << 22  # voxels per slab of float64 work (32 MB per array)
 
@@ -165,7 +165,7 @@ def resolve_device(value, option: str = "--device"):
     return dev
 
 
-# --- input checks of the metrics (patching.metrics, patching.lpips) --------------------------------------------------------------------------------
+# --- input checks of the metrics (patching.metrics.scores, patching.metrics.lpips) --------------------------------------------------------------------------------
 
 
 def metric_array(x, name: str, ndim: int = 3) -> np.ndarray:

@@ -4,7 +4,7 @@ One PNG per call: for each seed, a row with the axial, coronal and sagittal slic
 volume centre and the PA and lateral DRRs (the renderer of ``xray2ct data synth``), then a row
 of axial slices at five heights (shoulders, upper chest, carina, lung bases, upper abdomen) to
 show how the cross-section changes along z. Window −1000…600 HU, radiological display
-convention (:mod:`patching.preview`).
+convention (:mod:`patching.data.preview`).
 
 Run (from the repository root):
 ``.venv/bin/python scripts/phantom_previews.py --tag after``
@@ -22,9 +22,9 @@ from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from patching.phantom import synth_chest  # noqa: E402
-from patching.preview import _physical_resize, _to_uint8, save_grid_png, triplanar_image  # noqa: E402
-from patching.synth_store import render_views  # noqa: E402
+from patching.data.preview import _physical_resize, _to_uint8, save_grid_png, triplanar_image  # noqa: E402
+from patching.data.synth_store import render_views  # noqa: E402
+from patching.phantoms.chest import synth_chest  # noqa: E402
 
 LEVELS_MM = (150.0, 90.0, 20.0, -70.0, -140.0)  # world z of the axial row (volume centre = 0)
 

@@ -1,6 +1,6 @@
 """Tiled codec: encode and decode volumes of any size through overlapping, Gaussian-blended tiles.
 
-Both directions run :func:`patching.stitch.sliding_window` — the encoder with ``scale = 1/f``
+Both directions run :func:`patching.tiling.stitch.sliding_window` — the encoder with ``scale = 1/f``
 (image tile → latent tile), the decoder with ``scale = f`` — so memory is one batch of tiles on
 the device plus the result, or one slab of it with ``out=`` (a zarr array: out of core).
 
@@ -21,10 +21,10 @@ from fractions import Fraction
 
 import torch
 
+from patching.data.spec import hu_to_unit, unit_to_hu
 from patching.errors import InputError
-from patching.grid import as_tile
-from patching.spec import hu_to_unit, unit_to_hu
-from patching.stitch import sliding_window
+from patching.tiling.grid import as_tile
+from patching.tiling.stitch import sliding_window
 
 from .model import VQGAN, load_vqgan_weights
 

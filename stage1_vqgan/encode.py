@@ -5,7 +5,7 @@
 
 Weights are read from a training checkpoint (``D/checkpoints/step-N``, the ``latest`` pointer,
 ``D/checkpoints`` or the run directory ``D``: its newest checkpoint) or an ``xray2ct export``
-directory, through :mod:`patching.artifact` (safetensors and JSON only, nothing is unpickled;
+directory, through :mod:`patching.artifacts.format` (safetensors and JSON only, nothing is unpickled;
 stage packages never import ``launch``). The EMA weights are used when the run kept them (a
 checkpoint's ``ema/vqgan.safetensors``; an export's ``vqgan/`` folder already holds them);
 the HU window is the one the model was trained with (the task's extra state).
@@ -37,17 +37,23 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from patching.artifact import model_state, read_config, read_extra, read_run, resolve_weights
+from patching.artifacts.format import (
+    model_state,
+    read_config,
+    read_extra,
+    read_run,
+    resolve_weights,
+)
 from patching.checks import resolve_device
+from patching.data.store import Store
 from patching.errors import InputError
-from patching.store import Store
 
 from .codec import encode_volume
 from .config import CodecConfig, VQGANConfig
 from .model import VQGAN, load_vqgan_weights
 
 TASK_NAME = "vqgan"
-DEFAULT_HU_WINDOW = (-1024.0, 1600.0)  # both presets' window (patching.spec.VolumeSpec)
+DEFAULT_HU_WINDOW = (-1024.0, 1600.0)  # both presets' window (patching.data.spec.VolumeSpec)
 # The identity of a latent: these keys of the reference must match for a cached latent to be kept.
 IDENTITY_KEYS = ("weights_sha256", "tile", "overlap", "hu_window")
 

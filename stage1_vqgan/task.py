@@ -23,7 +23,7 @@ checkpoint or export to map HU exactly as in training.
 
 Validation (every ``train.val_every`` steps, EMA weights): ``data.num_val_tiles`` grid tiles of
 the ``data.val_split`` split spread evenly over its cases; PSNR on [-1, 1] (data range 2.0), PSNR
-in HU (data range = the HU window width), MAE in HU, 3D SSIM (:func:`patching.metrics.ssim3d`),
+in HU (data range = the HU window width), MAE in HU, 3D SSIM (:func:`patching.metrics.scores.ssim3d`),
 codebook usage and perplexity over those tiles, and a tri-planar preview (input above
 reconstruction) of the first tile.
 """
@@ -38,12 +38,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from patching.data.preview import triplanar_image
+from patching.data.spec import VolumeSpec, unit_to_hu
+from patching.data.store import SPLITS, Store
 from patching.errors import InputError
-from patching.metrics import ssim3d
-from patching.preview import triplanar_image
-from patching.spec import VolumeSpec, unit_to_hu
-from patching.store import SPLITS, Store
-from patching.tiles import TileDataset, hu_tile_to_unit
+from patching.metrics.scores import ssim3d
+from patching.tiling.tiles import TileDataset, hu_tile_to_unit
 
 from .config import Stage1Config, _finite, _need, _triple
 from .config import preset as stage1_preset
@@ -62,7 +62,7 @@ class VQGANDataConfig:
         tile: training tile ``(x, y, z)``; ``None`` trains on the codec tile (``codec.tile``),
             which is what encoding uses.
         overlap: overlap of the tile grid that training jitters around and validation samples.
-        cache_mb: decoded-chunk cache per DataLoader worker (:class:`patching.tiles.TileDataset`).
+        cache_mb: decoded-chunk cache per DataLoader worker (:class:`patching.tiling.tiles.TileDataset`).
         val_split: split that validation reads (skipped with a note when it has no cases).
         num_val_tiles: grid tiles per validation, spread evenly over the split (0: all of them).
     """

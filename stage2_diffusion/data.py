@@ -8,9 +8,9 @@ input error ("run `xray2ct encode` first").
 
 Data position (docs/training.md, "Data-position contract"), as
 :class:`gan_baselines.data.VolumeDataset`: each epoch is a permutation of the split's cases
-drawn from ``(seed, epoch)``; :func:`patching.tiles.shard_positions` gives rank ``r`` the
+drawn from ``(seed, epoch)``; :func:`patching.tiling.tiles.shard_positions` gives rank ``r`` the
 stream positions ``P + r + k·W`` (``even=True``: every rank the same number) and
-:func:`patching.tiles.worker_positions` hands batch-sized blocks round-robin to the DataLoader
+:func:`patching.tiling.tiles.worker_positions` hands batch-sized blocks round-robin to the DataLoader
 workers. A crop's start is drawn from ``(seed, epoch, position)``, never from worker RNG, so a
 resumed run sees the very same crops.
 """
@@ -23,10 +23,10 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset
 
+from patching.data.store import Store
+from patching.data.xray_io import resize_xray
 from patching.errors import InputError
-from patching.store import Store
-from patching.tiles import CaseStreamPosition
-from patching.xray_io import resize_xray
+from patching.tiling.tiles import CaseStreamPosition
 from stage1_vqgan.encode import same_identity
 
 ORDER_SALT = 11  # case permutation stream

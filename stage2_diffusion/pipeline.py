@@ -12,16 +12,16 @@ layouts of ``launch/checkpoint.py`` / ``launch/export.py``; ``launch`` is not im
 EMA weights when the run kept them. The VQ-GAN is loaded with
 :func:`stage1_vqgan.encode.load_vqgan` and its weights' sha256 must equal the reference's.
 
-Pipeline: X-rays (:func:`patching.xray_io.read_xray`, resized to the encoder's size; a missing
+Pipeline: X-rays (:func:`patching.data.xray_io.read_xray`, resized to the encoder's size; a missing
 view gets the encoder's learned tokens) → :func:`stage2_diffusion.sampler.sample_latents`
 (whole latent, or the config's window) → ÷ scale factor → :func:`stage1_vqgan.codec.decode_latent`
-(tiled, HU) → int16 → :func:`patching.reconstruct.sample_files` (NIfTI with the spec's spacing
+(tiled, HU) → int16 → :func:`patching.artifacts.reconstruct.sample_files` (NIfTI with the spec's spacing
 and a centred RAS+ affine, Zarr, tri-planar PNG). K samples are drawn one after the other from one CPU generator seeded with ``seed`` (the same
 seed gives the same files); for K > 1 each further sample, the voxel-wise mean and std (HU) are
 written too.
 
 In memory (an evaluation loop): :class:`DiffusionReconstructor` (the method's
-:class:`patching.reconstruct.Reconstructor`) loads both models once and maps
+:class:`patching.artifacts.reconstruct.Reconstructor`) loads both models once and maps
 ``{view: array in [0, 1]}`` to int16 HU volumes ``(K, X, Y, Z)``; ``sample_diffusion`` reads the
 files, draws through it and writes the results, so both give the same volume for a seed.
 """
@@ -37,12 +37,24 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from patching.artifact import model_state, read_extra, read_run, resolve_weights, task_config
+from patching.artifacts.format import (
+    model_state,
+    read_extra,
+    read_run,
+    resolve_weights,
+    task_config,
+)
+from patching.artifacts.reconstruct import (
+    Reconstructor,
+    check_xrays,
+    positive_int,
+    sample_files,
+    to_shape,
+)
 from patching.checks import resolve_device
+from patching.data.spec import VolumeSpec
+from patching.data.xray_io import resize_xray
 from patching.errors import InputError
-from patching.reconstruct import Reconstructor, check_xrays, positive_int, sample_files, to_shape
-from patching.spec import VolumeSpec
-from patching.xray_io import resize_xray
 from stage1_vqgan.codec import decode_latent
 from stage1_vqgan.encode import load_vqgan
 
@@ -96,7 +108,7 @@ class DiffusionReconstructor(Reconstructor):
         rec = DiffusionReconstructor("runs/diff", steps=10)
         hu = rec.reconstruct({"pa": pa, "lateral": lat}, seed=0, num_samples=4)   # (4, X, Y, Z) int16
 
-    Attributes: those of :class:`patching.reconstruct.Reconstructor` (``geometry``: the
+    Attributes: those of :class:`patching.artifacts.reconstruct.Reconstructor` (``geometry``: the
     ``volume_shape`` = ``latent_shape`` × the VQ-GAN's downsampling, the recorded spacing and
     HU window), ``views`` (the encoder's view order), ``spacing_mm``, ``hu_window``,
     ``volume_shape``; also ``cfg``, ``latent_shape``, ``latent_scale_factor``,
@@ -234,7 +246,7 @@ def sample_diffusion(checkpoint: str | Path, pa: str | Path | None, lateral: str
                      steps: int | None = None, guidance: float | None = None, num_samples: int = 1, seed: int = 0,
                      device: str | torch.device | None = None, progress: bool = True,
                      vqgan: str | Path | None = None, windowed: bool = False) -> dict[str, Path]:
-    """:func:`patching.reconstruct.sample_files` with a :class:`DiffusionReconstructor` (``vqgan``:
+    """:func:`patching.artifacts.reconstruct.sample_files` with a :class:`DiffusionReconstructor` (``vqgan``:
     the VQ-GAN's weights when they moved; they must have the recorded sha256; ``windowed``: the
     config's ``sampler.fallback_window``)."""
     rec = DiffusionReconstructor(checkpoint, device=device, vqgan=vqgan, steps=steps, guidance=guidance,

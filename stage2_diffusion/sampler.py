@@ -4,9 +4,9 @@ At every step the model output is predicted for the **whole** latent, then **one
 step is taken on the whole latent:
 
 - if no ``window`` is given, or the window covers the latent, the UNet sees the whole latent;
-- otherwise the latent is cut into overlapping windows (:func:`patching.grid.tile_grid`); each
+- otherwise the latent is cut into overlapping windows (:func:`patching.tiling.grid.tile_grid`); each
   window is denoised by the UNet *with its coordinates in the whole latent*, and the window
-  predictions are blended with Gaussian weights (:func:`patching.blend.tile_weights`, MONAI's)
+  predictions are blended with Gaussian weights (:func:`patching.tiling.blend.tile_weights`, MONAI's)
   into one whole-latent prediction. The next step's windows see the blended, shared latent,
   so neighbouring windows agree at every step — unlike sampling patches independently
   (X-ray2CTPA's re-implementation), which never forms one consistent volume.
@@ -27,9 +27,9 @@ from collections.abc import Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from patching.blend import tile_weights
 from patching.errors import InputError
-from patching.grid import as_overlap, as_tile, tile_grid
+from patching.tiling.blend import tile_weights
+from patching.tiling.grid import as_overlap, as_tile, tile_grid
 
 Predict = Callable[[torch.Tensor, tuple], torch.Tensor]  # (latent crop, (start, full_shape)) -> output
 

@@ -44,8 +44,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from patching.data.store import SPLITS, Store
 from patching.errors import InputError
-from patching.store import SPLITS, Store
 
 from .config import Stage2Config
 from .config import preset as stage2_preset

@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from patching.artifacts.pretrained import Pretrained
 from patching.errors import InputError
-from patching.pretrained import Pretrained
 from stage1_vqgan.blocks import (
     Downsample3d,
     GroupNorm32,

@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from patching.artifacts.pretrained import Pretrained
 from patching.errors import InputError
-from patching.pretrained import Pretrained
 from stage1_vqgan.blocks import GroupNorm32
 
 from .config import XrayEncoderConfig

@@ -22,8 +22,8 @@ import numpy as np
 import pytest
 
 from launch.cli import main
-from patching.store import Store
-from patching.synth_store import synthesize
+from patching.data.store import Store
+from patching.data.synth_store import synthesize
 from tests.gan_baselines.test_tasks import RUN, TINY
 
 TOY = "tests.launch.toy_task:ToyTask"

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from patching.lowdose import QUARTER_DOSE, LowDoseScanner
+from patching.projection.lowdose import QUARTER_DOSE, LowDoseScanner
 
 from ..x2ct_gan.config import GANOptimConfig, require
 
@@ -69,7 +69,7 @@ class CNCLDataConfig:
             and the in-plane tile of ``xray2ct denoise``; a multiple of ``2**model.num_levels``.
             Slices smaller than the patch are padded with air before simulation.
         dose: dose fraction of the simulated input (0.25 = the AAPM challenge's quarter dose).
-        photons: full-dose incident photons per ray (:class:`patching.lowdose.LowDoseScanner`).
+        photons: full-dose incident photons per ray (:class:`patching.projection.lowdose.LowDoseScanner`).
         electronic_std: the detector's electronic noise, counts.
         num_angles: views over 180°; 0 → ``ceil(π/2 · slice size)``.
     """

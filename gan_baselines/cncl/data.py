@@ -6,7 +6,7 @@ attenuation along its *whole* path through the body, so the low-dose version of 
 the entire slice, not a crop of it; and CNCL's predictors are 2D U-Nets. The networks then train
 on a random ``patch × patch`` crop of each (low-dose, clean) pair.
 
-Reading reuses :class:`patching.tiles.TileDataset` with a ``X_max × Y_max × 1`` tile (every case's
+Reading reuses :class:`patching.tiling.tiles.TileDataset` with a ``X_max × Y_max × 1`` tile (every case's
 slice fits, smaller ones padded with air) on its ``grid`` mode, shuffled: every slice of the split
 once per epoch, in a permutation drawn from ``(seed, epoch)``, sharded and resumable by the
 engine's data-position contract (docs/training.md). The simulation and the crop draw from
@@ -23,11 +23,11 @@ import torch
 from einops import rearrange
 from torch.utils.data import IterableDataset
 
+from patching.data.spec import hu_to_unit, unit_to_hu
+from patching.data.store import Store
 from patching.errors import InputError
-from patching.lowdose import LowDoseScanner, noise_hu
-from patching.spec import hu_to_unit, unit_to_hu
-from patching.store import Store
-from patching.tiles import TileDataset
+from patching.projection.lowdose import LowDoseScanner, noise_hu
+from patching.tiling.tiles import TileDataset
 
 SIM_SALT = 11  # separates the simulation's stream from the tile order's
 
@@ -56,9 +56,9 @@ class LowDoseSliceDataset(IterableDataset):
 
     Args:
         store: the store (path or :class:`Store`); split, seed, rank, world_size, batch_size and
-            num_workers as for :class:`patching.tiles.TileDataset`.
+            num_workers as for :class:`patching.tiling.tiles.TileDataset`.
         patch: side of the square crop; slices narrower than it are padded with air first.
-        dose, scanner: the simulated scan (:mod:`patching.lowdose`).
+        dose, scanner: the simulated scan (:mod:`patching.projection.lowdose`).
         hu_window: HU range mapped to [-1, 1].
     """
 

@@ -3,9 +3,9 @@
     loaded = load_denoiser("runs/cncl")                    # checkpoint, run dir or export
     out_hu = denoise_hu(loaded, hu, hu_window=(-1024, 1600))  # float32 HU, same shape
 
-Weights come through :mod:`patching.artifact` (safetensors and JSON only; the EMA generator when
+Weights come through :mod:`patching.artifacts.format` (safetensors and JSON only; the EMA generator when
 the run kept one), as for every sampler. The volume runs through the patch layer's sliding window
-(:func:`patching.stitch.sliding_window`): ``patch × patch × 1`` tiles (axial slices cut into the
+(:func:`patching.tiling.stitch.sliding_window`): ``patch × patch × 1`` tiles (axial slices cut into the
 training crop size; CNCL is 2D), overlap ``overlap`` in-plane and none across slices, Gaussian
 blending, HU mapped to [-1, 1] by the preset's window on the way in (``window_to_unit``) and back
 on the way out. Axes shorter than the tile are padded with air and cropped back, so any volume
@@ -23,11 +23,11 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from patching.artifact import model_state, read_run, resolve_weights, task_config
+from patching.artifacts.format import model_state, read_run, resolve_weights, task_config
 from patching.checks import resolve_device
+from patching.data.spec import AIR_HU, unit_to_hu
 from patching.errors import InputError
-from patching.spec import AIR_HU, unit_to_hu
-from patching.stitch import sliding_window, window_to_unit
+from patching.tiling.stitch import sliding_window, window_to_unit
 
 from .config import CNCLConfig
 from .model import CNCLGenerator
@@ -47,7 +47,7 @@ class LoadedDenoiser:
 
 def load_denoiser(path: str | os.PathLike, device: str | torch.device | None = "cpu") -> LoadedDenoiser:
     """The CNCL generator (EMA weights when present) of a checkpoint, run directory or export,
-    read through :mod:`patching.artifact` (safetensors and validated JSON only)."""
+    read through :mod:`patching.artifacts.format` (safetensors and validated JSON only)."""
     kind, where = resolve_weights(path)
     meta, run_cfg = read_run(kind, where)
     if meta.get("task") != "cncl" and meta.get("task_ref") != TASK_REF:
@@ -85,12 +85,12 @@ def denoise_hu(loaded: LoadedDenoiser, hu: np.ndarray, hu_window: tuple[float, f
 def denoise_file(checkpoint: str | os.PathLike, source: str | os.PathLike, out: str | os.PathLike,
                  hu_window: tuple[float, float], *, dose: float | None = None, seed: int = 0,
                  device: str | torch.device | None = None, progress: bool = True) -> Path:
-    """Read a NIfTI CT, optionally simulate ``dose`` first (:mod:`patching.lowdose`, ``seed``, with
+    """Read a NIfTI CT, optionally simulate ``dose`` first (:mod:`patching.projection.lowdose`, ``seed``, with
     the scanner the model was trained with: ``cfg.data``), denoise it and write it with the input's
     geometry (shape, affine, orientation)."""
-    from patching.ingest import load_nifti
-    from patching.lowdose import check_dose, simulate_volume
-    from patching.volume_io import check_nifti_out, write_nifti_like
+    from patching.data.ingest import load_nifti
+    from patching.data.volume_io import check_nifti_out, write_nifti_like
+    from patching.projection.lowdose import check_dose, simulate_volume
 
     path = check_nifti_out(out)
     if dose is not None:

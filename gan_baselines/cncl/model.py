@@ -21,8 +21,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from patching.artifacts.pretrained import Pretrained
 from patching.errors import InputError
-from patching.pretrained import Pretrained
 
 from ..common import init_weights
 from .config import CNCLModelConfig
@@ -65,7 +65,7 @@ class UNet(nn.Module):
 class CNCLGenerator(Pretrained):
     """``forward(lowdose) → denoised`` (``B×1×H×W``, project units); :meth:`branches` also
     returns the two predictors' outputs. Saves and loads with ``save_pretrained`` /
-    ``from_pretrained`` (:mod:`patching.pretrained`)."""
+    ``from_pretrained`` (:mod:`patching.artifacts.pretrained`)."""
 
     config_class = CNCLModelConfig
 

@@ -29,9 +29,9 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
+from patching.data.spec import VolumeSpec, unit_to_hu
+from patching.data.store import Store
 from patching.errors import InputError
-from patching.spec import VolumeSpec, unit_to_hu
-from patching.store import Store
 
 from .. import cncl
 from ..common import lr_factor

@@ -38,8 +38,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from patching.artifacts.pretrained import Pretrained
 from patching.errors import InputError
-from patching.pretrained import Pretrained
 
 from ..common import branch_to_volume, check_volume, check_xrays, expand_to_branch, init_weights
 from ..x2ct_gan.model import PatchDiscriminator3D, conv3d_block, output_activation, up3d_block

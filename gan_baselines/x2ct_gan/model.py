@@ -25,8 +25,8 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
+from patching.artifacts.pretrained import Pretrained
 from patching.errors import InputError
-from patching.pretrained import Pretrained
 
 from ..common import branch_to_volume, check_xrays, expand_to_branch, init_weights, volume_to_branch
 from .config import X2CTGANModelConfig

@@ -34,10 +34,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from patching.data.preview import triplanar_image
+from patching.data.spec import VolumeSpec, unit_to_hu
+from patching.data.store import Store
 from patching.errors import InputError
-from patching.preview import triplanar_image
-from patching.spec import VolumeSpec, unit_to_hu
-from patching.store import Store
 
 from .. import x2ct_gan
 from ..common import from_model_range, lr_factor, to_model_range

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from einops import repeat
 from torch import Tensor, nn
 
-from patching.pretrained import Pretrained
+from patching.artifacts.pretrained import Pretrained
 
 from ..common import check_xrays, init_weights, volume_to_branch
 from ..x2ct_gan.model import (

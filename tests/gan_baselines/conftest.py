@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from patching.store import Store
-from patching.synth_store import synthesize
+from patching.data.store import Store
+from patching.data.synth_store import synthesize
 
 
 @pytest.fixture(scope="module")

@@ -20,11 +20,11 @@ from gan_baselines.cncl.denoise import denoise_hu, load_denoiser
 from launch.cli import main as cli
 from launch.tasks import load_task
 from launch.train import build_run_config
+from patching.data.spec import hu_to_unit
+from patching.data.store import Store
+from patching.data.synth_store import synthesize
 from patching.errors import InputError
-from patching.lowdose import LowDoseScanner
-from patching.spec import hu_to_unit
-from patching.store import Store
-from patching.synth_store import synthesize
+from patching.projection.lowdose import LowDoseScanner
 from tests.launch.toy_task import REPO, assert_same_checkpoint, child_env, free_port, metrics
 
 WINDOW = (-1024.0, 1600.0)
@@ -223,7 +223,7 @@ def test_denoise_cli_keeps_the_geometry_of_any_volume(checkpoint, tmp_path, caps
     assert nib.aff2axcodes(img.affine) == ("L", "P", "S")
     # the file is the sliding-window denoiser applied to the canonical volume, mapped back to LPS
     loaded = load_denoiser(checkpoint)
-    from patching.ingest import load_nifti
+    from patching.data.ingest import load_nifti
 
     hu, _, _ = load_nifti(src)
     want = np.rint(denoise_hu(loaded, hu, WINDOW))[::-1, ::-1, :]

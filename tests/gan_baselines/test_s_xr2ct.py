@@ -26,8 +26,8 @@ from gan_baselines.data import load_sample, mean_volume
 from gan_baselines.sampling import load_generator
 from gan_baselines.x2ct_gan import patch_size
 from launch.presets import data_spec
+from patching.data.store import Store
 from patching.errors import InputError
-from patching.store import Store
 from stage1_vqgan.losses import SliceFeatureNet
 from tests.launch.toy_task import REPO, child_env, free_port, metrics
 

@@ -23,12 +23,12 @@ from gan_baselines.sampling import (
 )
 from launch.export import main as export_main
 from launch.presets import data_spec
-from patching.artifact import WEIGHTS_NAME
+from patching.artifacts.format import WEIGHTS_NAME
+from patching.data.spec import VolumeSpec
+from patching.data.store import Store
+from patching.data.synth_store import synthesize
+from patching.data.xray_io import resize_xray
 from patching.errors import InputError
-from patching.spec import VolumeSpec
-from patching.store import Store
-from patching.synth_store import synthesize
-from patching.xray_io import resize_xray
 
 from .test_tasks import RUN, TINY
 
@@ -156,7 +156,7 @@ def test_without_a_spec_the_volume_has_the_training_cases_grid(run, tmp_path):
     """Sampling reads the grid from the checkpoint (the store's 32³ phantoms at 360/32 mm), not a
     preset: `xray2ct sample` needs no geometry setting."""
     from gan_baselines.sampling import GanReconstructor
-    from patching.reconstruct import sample_files
+    from patching.artifacts.reconstruct import sample_files
 
     for path in (run["root"] / "gan", run["root"] / "export"):
         rec = GanReconstructor.from_path(path)

@@ -19,9 +19,9 @@ from safetensors.torch import load_file
 from gan_baselines.data import VolumeDataset, epoch_order, psnr
 from launch.tasks import load_task
 from launch.train import build_run_config
+from patching.data.spec import VolumeSpec, hu_to_unit
+from patching.data.store import Store
 from patching.errors import InputError
-from patching.spec import VolumeSpec, hu_to_unit
-from patching.store import Store
 from tests.launch.toy_task import REPO, child_env, free_port, metrics
 
 WINDOW = (-1024.0, 1600.0)

@@ -33,8 +33,8 @@ from gan_baselines.x2ct_gan import (
     paper,
     patch_size,
 )
-from patching.drr import parallel_projection
 from patching.errors import InputError
+from patching.projection.drr import parallel_projection
 
 BOTH = ("pa", "lateral")
 
@@ -157,7 +157,7 @@ def test_connection_c_aligns_views_with_a_marker():
 
 
 def test_connection_c_agrees_with_the_drr_module():
-    """Project a one-voxel volume with patching.drr, lift both images back: they meet at the voxel."""
+    """Project a one-voxel volume with patching.projection.drr, lift both images back: they meet at the voxel."""
     n = 8
     for x0, y0, z0 in [(1, 5, 6), (6, 0, 2), (3, 7, 0)]:
         vol = torch.zeros(1, 1, n, n, n)

@@ -19,10 +19,10 @@ import torch
 
 from launch import checkpoint as ck
 from launch import state_io
-from patching.artifact import model_state, read_checkpoint_meta, resolve_weights
+from patching.artifacts.format import model_state, read_checkpoint_meta, resolve_weights
 from patching.checks import child_path, read_json_doc, safe_name
+from patching.data.staging import host_id
 from patching.errors import InputError, StorageError
-from patching.staging import host_id
 from tests.launch.toy_task import REPO, child_env
 
 TASK = "tests.launch.toy_task:ToyTask"
@@ -56,8 +56,8 @@ def run2(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def tiny_store(tmp_path_factory) -> Path:
     """A store with one 16³ phantom case (for `encode`)."""
-    from patching.store import Store
-    from patching.synth_store import synthesize
+    from patching.data.store import Store
+    from patching.data.synth_store import synthesize
 
     path = tmp_path_factory.mktemp("store") / "store"
     synthesize(Store(path, create=True), 1, (16, 16, 16), views=["pa"], progress=False)

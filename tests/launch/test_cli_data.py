@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 
 from launch.cli import main
-from patching.spec import centred_affine
-from patching.store import Store
+from patching.data.spec import centred_affine
+from patching.data.store import Store
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from launch.cli import main
-from patching.store import Store
+from patching.data.store import Store
 
 TINY = ["--num", "10", "--max-steps", "2", "--num-samples", "2"]
 

@@ -10,7 +10,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from patching.store import Store
+from patching.data.store import Store
 from tests.launch.toy_task import REPO, child_env, launch_cmd
 from tests.stage1_vqgan.test_encode import trained  # noqa: F401 - the fixture: 5 phantoms 32³ + a 2-step VQ-GAN
 

@@ -1,4 +1,4 @@
-"""``xray2ct evaluate``: metric values equal direct calls of patching.metrics, the mean baseline is
+"""``xray2ct evaluate``: metric values equal direct calls of patching.metrics.scores, the mean baseline is
 numpy's mean of the clipped train CTs, CSV/Markdown/JSON agree, figures have one row per method
 plus the ground truth, failing methods are reported and the others still written, bad flags
 write nothing, outputs are atomic, and two processes give the one-process results (marked
@@ -30,13 +30,13 @@ from launch.cli import main as cli_main
 from launch.evaluate import evaluate
 from launch.evaluate_methods import case_seed, mean_from_sum, train_sum
 from launch.evaluate_report import METRIC_KEYS
-from patching import metrics as M
-from patching.drr import DRRGeometry
+from patching.data.preview import triplanar_image
+from patching.data.spec import VolumeSpec
+from patching.data.store import Store
+from patching.data.synth_store import synthesize
 from patching.errors import InputError
-from patching.preview import triplanar_image
-from patching.spec import VolumeSpec
-from patching.store import Store
-from patching.synth_store import synthesize
+from patching.metrics import scores as M
+from patching.projection.drr import DRRGeometry
 from tests.gan_baselines.test_tasks import RUN, TINY
 from tests.launch.toy_task import REPO, child_env, free_port
 
@@ -278,13 +278,13 @@ def test_reconstruction_failure_and_missing_geometry_are_reported(setup, tmp_pat
 
 
 def test_outputs_are_atomic(setup, tmp_path, monkeypatch):
-    import patching.preview
+    import patching.data.preview
 
     out = tmp_path / "out"
     try:
         evaluate(setup["store"], {}, out, max_cases=1, figure_cases=1, progress=False)
         first = (out / "results.json").read_text()
-        monkeypatch.setattr(patching.preview, "save_grid_png", lambda *a, **k: 1 / 0)
+        monkeypatch.setattr(patching.data.preview, "save_grid_png", lambda *a, **k: 1 / 0)
         with pytest.raises(ZeroDivisionError):
             evaluate(setup["store"], {}, out, max_cases=2, figure_cases=1, progress=False)
         assert (out / "results.json").read_text() == first  # the earlier evaluation is untouched

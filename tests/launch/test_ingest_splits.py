@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from launch.cli import main
+from patching.data.splits import SplitAssignment, read_splits
+from patching.data.store import Store
 from patching.errors import InputError
-from patching.splits import SplitAssignment, read_splits
-from patching.store import Store
 from tests.launch.toy_task import REPO, child_env
 
 

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from launch.cli import main
-from patching.store import Store
-from patching.synth_store import synthesize
+from patching.data.store import Store
+from patching.data.synth_store import synthesize
 from tests.gan_baselines.test_cncl import RUN as CNCL_RUN
 from tests.gan_baselines.test_cncl import TINY as CNCL_TINY
 from tests.gan_baselines.test_cncl import write_ct

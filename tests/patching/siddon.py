@@ -1,4 +1,4 @@
-"""An exact Siddon ray tracer: a slow NumPy oracle for :mod:`patching.drr` (tests only).
+"""An exact Siddon ray tracer: a slow NumPy oracle for :mod:`patching.projection.drr` (tests only).
 
 Siddon (1985), "Fast calculation of the exact radiological path for a three-dimensional CT
 array": the volume is piecewise constant (each voxel a box of ``spacing`` mm around its centre);
@@ -43,7 +43,7 @@ def siddon_line_integrals(mu: np.ndarray, spacing_mm, view: str, geometry, chunk
     for i in range(0, len(starts), chunk_rays):
         p0, d = starts[i:i + chunk_rays], ends[i:i + chunk_rays] - starts[i:i + chunk_rays]
         # The ray's parameter range inside the box: from the source on, through the whole volume
-        # (also past the detector plane, as patching.drr integrates it).
+        # (also past the detector plane, as patching.projection.drr integrates it).
         lo, hi = np.zeros(len(p0)), np.full(len(p0), np.inf)
         crossings = []
         for k in range(3):

@@ -1,5 +1,5 @@
 """Real-CT clean-up at ingest: circular field-of-view padding and the patient table
-(patching.ct_clean, wired into patching.ingest)."""
+(patching.data.ct_clean, wired into patching.data.ingest)."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from patching.ct_clean import clip_padding, remove_table
-from patching.ingest import ingest
-from patching.phantom import TISSUE_CLASSES, synth_chest
-from patching.spec import AIR_HU, VolumeSpec
-from patching.store import Store
+from patching.data.ct_clean import clip_padding, remove_table
+from patching.data.ingest import ingest
+from patching.data.spec import AIR_HU, VolumeSpec
+from patching.data.store import Store
+from patching.phantoms.chest import TISSUE_CLASSES, synth_chest
 
 SHAPE, FOV = (128, 128, 64), (420.0, 420.0, 320.0)
 FOV_RADIUS_MM = 195.0

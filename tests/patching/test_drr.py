@@ -1,6 +1,6 @@
 """DRR projector: analytic chords, orientation, symmetry, gradients, chunking, errors.
 
-The geometry here is written out independently of ``patching.drr``: RAS+ world mm with the
+The geometry here is written out independently of ``patching.projection.drr``: RAS+ world mm with the
 origin at the volume centre; the source at ``-sid * beam``; pixel ``(r, c)`` at
 ``source + sdd * beam + u_c * col + v_r * row``, ``u``/``v`` measured from the detector centre.
 """
@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from patching.drr import (
+from patching.errors import InputError
+from patching.projection.drr import (
     MU_WATER_PER_MM,
     VIEWS,
     DRRGeometry,
@@ -22,7 +23,6 @@ from patching.drr import (
     raymarch_line_integrals,
     render_drr,
 )
-from patching.errors import InputError
 
 # RAS+: +x = patient's right, +y = anterior, +z = superior. Unit vectors of the beam's travel, of
 # increasing column and of increasing row, from the reading conventions.

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from patching.drr import DRRGeometry, hu_to_mu, line_integrals
-from patching.phantom import synth_chest
+from patching.phantoms.chest import synth_chest
+from patching.projection.drr import DRRGeometry, hu_to_mu, line_integrals
 from tests.patching.siddon import ncc, ray_segments, siddon_line_integrals
 
 GEOMETRY = DRRGeometry(height=64, width=64, pixel_mm=430.0 / 64)  # default sdd/sid, same field

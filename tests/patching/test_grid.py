@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from patching.errors import InputError
-from patching.grid import pad_widths, tile_grid, tile_starts, tile_stride
+from patching.tiling.grid import pad_widths, tile_grid, tile_starts, tile_stride
 
 sizes = st.integers(1, 300)
 tiles = st.integers(1, 64)

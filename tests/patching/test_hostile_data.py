@@ -17,10 +17,10 @@ import pytest
 
 from launch.cli import main
 from launch.cli_data import inspect_table
+from patching.data.ingest import MAX_VOXELS, ingest, load_nifti
+from patching.data.spec import VolumeSpec
+from patching.data.store import Store, sanitize_case_id
 from patching.errors import InputError, StorageError
-from patching.ingest import MAX_VOXELS, ingest, load_nifti
-from patching.spec import VolumeSpec
-from patching.store import Store, sanitize_case_id
 from tests.patching.dicom_factory import write_ct_series
 
 REPO = Path(__file__).resolve().parents[2]
@@ -107,7 +107,7 @@ def test_case_ids_from_the_command_line_stay_in_the_store(tmp_path):
 
 _KILLED_WRITER = """
 import os, sys
-from patching.store import Store
+from patching.data.store import Store
 s = Store(sys.argv[1])
 with s._staging_dir("case-killed") as d:
     (d / "half").write_bytes(b"x" * 100)
@@ -127,7 +127,7 @@ def test_stale_staging_is_reported_separately_and_cleaned_by_the_next_writer(tmp
     _killed_writer(store.path)
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
     try:
-        from patching.staging import owner_tag
+        from patching.data.staging import owner_tag
 
         busy = store.path / ".staging" / f"case-busy-0123456789ab{owner_tag(live.pid)}"
         busy.mkdir()  # a concurrent writer at work
@@ -158,7 +158,7 @@ def test_ingest_into_a_corrupt_store_creates_nothing(tmp_path):
 
 
 def _full_disk(monkeypatch, after: int = 1) -> None:
-    import patching.store as store_mod
+    import patching.data.store as store_mod
 
     real = store_mod.write_array
     calls = {"n": 0}

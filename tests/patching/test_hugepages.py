@@ -1,4 +1,4 @@
-"""patching.hugepages: ordinary buffers whatever the kernel does with the advice."""
+"""patching.tiling.hugepages: ordinary buffers whatever the kernel does with the advice."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from patching import hugepages
+from patching.tiling import hugepages as hugepages
 
 
 def test_buffers_have_the_asked_shape_dtype_and_contents():

@@ -20,9 +20,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydicom.uid import generate_uid
 
-from patching.ct_clean import air_value
-from patching.errors import InputError
-from patching.ingest import (
+from patching.data.ct_clean import air_value
+from patching.data.ingest import (
     IngestReport,
     ingest,
     load_dicom_series,
@@ -30,8 +29,9 @@ from patching.ingest import (
     resample_to_spec,
     resampled_affine,
 )
-from patching.spec import AIR_HU, VolumeSpec
-from patching.store import Store
+from patching.data.spec import AIR_HU, VolumeSpec
+from patching.data.store import Store
+from patching.errors import InputError
 from tests.patching.dicom_factory import AXIAL, BIRTH_DATE, PATIENT_NAME, write_ct_series
 
 REPO = Path(__file__).resolve().parents[2]
@@ -239,8 +239,8 @@ def test_rerun_skips_without_reading(tmp_path, store, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("pixel data read for a finished case")
 
-    monkeypatch.setattr("patching.ingest.load_nifti", boom)
-    monkeypatch.setattr("patching.ingest.load_dicom_series", boom)
+    monkeypatch.setattr("patching.data.ingest.load_nifti", boom)
+    monkeypatch.setattr("patching.data.ingest.load_dicom_series", boom)
     again = _ingest([tmp_path / "src"], store, spec)
     assert again == IngestReport(ingested=[], skipped=first.ingested, failed=[])
 
@@ -398,9 +398,9 @@ def test_patient_id_cannot_escape_and_no_identifiers_are_stored(tmp_path, store)
 _CHILD = """
 import json, sys, time
 from pathlib import Path
-from patching.ingest import ingest
-from patching.spec import VolumeSpec
-from patching.store import Store
+from patching.data.ingest import ingest
+from patching.data.spec import VolumeSpec
+from patching.data.store import Store
 store_path, tag, workers, *sources = sys.argv[1:]
 Path(store_path + "." + tag + ".ready").touch()
 while not Path(store_path + ".go").exists():   # start both writers together, imports done

@@ -12,7 +12,7 @@ from skimage.transform import iradon
 from skimage.transform import radon as sk_radon
 
 from patching.errors import InputError
-from patching.lowdose import (
+from patching.projection.lowdose import (
     LowDoseScanner,
     check_dose,
     default_angles,

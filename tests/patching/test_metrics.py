@@ -10,10 +10,10 @@ import torch
 from scipy import ndimage as ndi
 
 from patching import checks
-from patching import metrics as M
-from patching.drr import DRRGeometry, render_drr
 from patching.errors import InputError
-from patching.phantom import TISSUE_CLASSES, synth_chest
+from patching.metrics import scores as M
+from patching.phantoms.chest import TISSUE_CLASSES, synth_chest
+from patching.projection.drr import DRRGeometry, render_drr
 
 skimage_metrics = pytest.importorskip("skimage.metrics")
 X2CT_OFFSET_DB = 20 * math.log10(4095 / 2500)  # ≈ 4.29 dB

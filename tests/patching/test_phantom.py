@@ -10,10 +10,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import ndimage as ndi
 
+from patching.data.spec import centred_affine
 from patching.errors import InputError
-from patching.phantom import TISSUE_CLASSES as T
-from patching.phantom import Phantom, synth_chest
-from patching.spec import centred_affine
+from patching.phantoms.chest import TISSUE_CLASSES as T
+from patching.phantoms.chest import Phantom, synth_chest
 
 # Expected HU per tissue class (the ranges a chest CTPA shows), written out here rather than
 # read from the generator, so a wrong material value fails the test.
@@ -274,7 +274,7 @@ def test_cross_section_changes_along_z(clean):
 
 
 def test_ribs_curve_around_thorax_and_slope_down():
-    from patching.phantom_anatomy import sample_chest
+    from patching.phantoms.anatomy import sample_chest
 
     for seed in range(4):
         ch = sample_chest(np.random.default_rng(seed))

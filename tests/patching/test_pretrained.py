@@ -1,4 +1,4 @@
-"""Every network saves and loads like a diffusers model (patching.pretrained.Pretrained).
+"""Every network saves and loads like a diffusers model (patching.artifacts.pretrained.Pretrained).
 
 A model saved with ``save_pretrained`` and loaded with its own class's ``from_pretrained`` in a
 plain Python process (no CLI, no project loader) gives bit-identical outputs.

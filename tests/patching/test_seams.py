@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from patching.errors import InputError
-from patching.seams import band_masks, seam_ratio, tile_border_planes
+from patching.tiling.seams import band_masks, seam_ratio, tile_border_planes
 
 
 def test_border_planes_follow_the_tile_grid():

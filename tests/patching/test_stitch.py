@@ -12,9 +12,9 @@ import zarr
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from patching.blend import blend_weights, tile_weights
 from patching.errors import InputError
-from patching.stitch import sliding_window, window_to_unit
+from patching.tiling.blend import blend_weights, tile_weights
+from patching.tiling.stitch import sliding_window, window_to_unit
 
 SHAPE = (20, 23, 17)
 TILE = (8, 8, 8)
@@ -336,7 +336,7 @@ def test_int16_volume_equals_float_volume(kind, mode, tmp_path):
 
 
 def test_hu_window_input_map_equals_converting_the_whole_volume():
-    from patching.spec import hu_to_unit
+    from patching.data.spec import hu_to_unit
 
     hu = _hu((20, 23, 17))[0]  # (X, Y, Z) int16, values beyond the window on both sides
     window = (-1024.0, 1600.0)

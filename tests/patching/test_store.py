@@ -10,9 +10,9 @@ import pytest
 import zarr
 
 from launch.cli_data import inspect_table
+from patching.data.spec import centred_affine
+from patching.data.store import Store, sanitize_case_id, split_by_index, split_for
 from patching.errors import InputError
-from patching.spec import centred_affine
-from patching.store import Store, sanitize_case_id, split_by_index, split_for
 
 
 def _hu(shape=(12, 10, 8), seed=0):

@@ -10,10 +10,10 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from patching.data.spec import centred_affine, hu_to_unit
+from patching.data.store import Store
 from patching.errors import InputError
-from patching.spec import centred_affine, hu_to_unit
-from patching.store import Store
-from patching.tiles import TileDataset, epoch_items, shard_positions, worker_positions
+from patching.tiling.tiles import TileDataset, epoch_items, shard_positions, worker_positions
 
 TILE = (8, 8, 8)
 
@@ -193,7 +193,7 @@ def test_float_tiles_equal_the_int16_path_and_clamp_outside_the_window(tmp_path)
     hu = np.random.default_rng(1).integers(-3000, 3000, size=(10, 9, 11)).astype(np.int16)
     s.write_case("a", hu, (1, 1, 1), np.eye(4), split="train", chunks=(4, 4, 4))
     ds = TileDataset(s, split="train", tile=(8, 8, 8), mode="grid", hu_window=(-1000.0, 1000.0))
-    from patching.tiles import hu_tile_to_unit
+    from patching.tiling.tiles import hu_tile_to_unit
 
     for start in [(0, 0, 0), (2, 1, 3)]:
         got = ds.read_tile_unit(0, start)

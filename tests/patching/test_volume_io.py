@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from patching.spec import centred_affine
-from patching.volume_io import write_nifti
+from patching.data.spec import centred_affine
+from patching.data.volume_io import write_nifti
 
 
 @pytest.mark.parametrize("shape, spacing", [((40, 36, 30), (2.0, 3.0, 4.0)), ((64, 64, 64), (5.625,) * 3)])

@@ -7,8 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
+from patching.data.xray_io import read_xray, resize_xray
 from patching.errors import InputError
-from patching.xray_io import read_xray, resize_xray
 from tests.patching.dicom_factory import write_xray_dicom
 
 

@@ -1,4 +1,4 @@
-"""patching.zarr_direct: the store's chunks read without Zarr's pipeline, equal to Zarr's reads."""
+"""patching.data.zarr_direct: the store's chunks read without Zarr's pipeline, equal to Zarr's reads."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import zarr
 
+from patching.data.store import CT_CODEC
+from patching.data.zarr_direct import chunk_reader, region_reader
 from patching.errors import InputError
-from patching.store import CT_CODEC
-from patching.zarr_direct import chunk_reader, region_reader
 
 
 @pytest.fixture
@@ -59,7 +59,7 @@ def test_other_layouts_go_through_zarr(tmp_path):
 
 
 def test_region_writer_writes_what_zarr_reads_back(tmp_path):
-    from patching.zarr_direct import region_writer
+    from patching.data.zarr_direct import region_writer
 
     out = zarr.create_array(store=str(tmp_path / "o.zarr"), shape=(2, 20, 9, 13), chunks=(2, 8, 9, 5),
                             dtype="float32", compressors=None, fill_value=0)
@@ -85,7 +85,7 @@ def test_region_writer_writes_what_zarr_reads_back(tmp_path):
 def test_out_of_core_stitching_through_direct_reads_and_writes_equals_in_memory(tmp_path, chunks):
     import torch
 
-    from patching.stitch import sliding_window, window_to_unit
+    from patching.tiling.stitch import sliding_window, window_to_unit
 
     rng = np.random.default_rng(2)
     hu = rng.integers(-1024, 2000, size=(40, 36, 50), dtype=np.int16)
@@ -93,7 +93,7 @@ def test_out_of_core_stitching_through_direct_reads_and_writes_equals_in_memory(
     assert region_reader(src) is not None
     out = zarr.create_array(store=str(tmp_path / "out.zarr"), shape=hu.shape, chunks=chunks, dtype="float32",
                             compressors=None, fill_value=0)
-    from patching.zarr_direct import region_writer
+    from patching.data.zarr_direct import region_writer
 
     assert region_writer(out) is not None
 

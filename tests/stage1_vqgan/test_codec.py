@@ -10,11 +10,11 @@ import pytest
 import torch
 import zarr
 
+from patching.data.spec import hu_to_unit
 from patching.errors import InputError
-from patching.phantom import synth_chest
-from patching.seams import seam_ratio, tile_border_planes
-from patching.spec import hu_to_unit
-from patching.stitch import sliding_window
+from patching.phantoms.chest import synth_chest
+from patching.tiling.seams import seam_ratio, tile_border_planes
+from patching.tiling.stitch import sliding_window
 from stage1_vqgan.codec import decode_latent, encode_volume, load_vqgan_weights
 from stage1_vqgan.config import VQGANConfig
 from stage1_vqgan.model import VQGAN

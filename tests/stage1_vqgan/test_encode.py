@@ -14,11 +14,11 @@ from safetensors.torch import load_file, save_file
 
 from launch.export import export_checkpoint
 from launch.train import main as train_main
-from patching.artifact import WEIGHTS_NAME
+from patching.artifacts.format import WEIGHTS_NAME
+from patching.data.spec import centred_affine
+from patching.data.store import Store
+from patching.data.synth_store import synthesize
 from patching.errors import InputError
-from patching.spec import centred_affine
-from patching.store import Store
-from patching.synth_store import synthesize
 from stage1_vqgan.codec import decode_latent, encode_volume
 from stage1_vqgan.encode import encode_store, load_vqgan, same_identity
 

@@ -12,9 +12,9 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from patching.data.spec import hu_to_unit
 from patching.errors import InputError
-from patching.phantom import synth_chest
-from patching.spec import hu_to_unit
+from patching.phantoms.chest import synth_chest
 from stage1_vqgan.blocks import (
     AttentionBlock3d,
     Downsample3d,

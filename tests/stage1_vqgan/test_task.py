@@ -16,9 +16,9 @@ from safetensors.torch import load_file
 
 from launch.presets import data_spec
 from launch.train import build_run_config
+from patching.data.store import Store
+from patching.data.synth_store import synthesize
 from patching.errors import InputError
-from patching.store import Store
-from patching.synth_store import synthesize
 from stage1_vqgan.task import VQGANTask
 from tests.launch.toy_task import REPO, assert_same_checkpoint, child_env, launch_cmd, metrics
 

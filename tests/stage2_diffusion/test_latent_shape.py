@@ -14,8 +14,8 @@ import pytest
 import SimpleITK as sitk
 
 from launch.cli import main
+from patching.data.store import Store
 from patching.errors import InputError
-from patching.store import Store
 from stage1_vqgan.encode import encode_store
 from stage2_diffusion.pipeline import sample_diffusion
 from stage2_diffusion.task import store_latent_shape

@@ -14,8 +14,8 @@ import SimpleITK as sitk
 import torch
 import zarr
 
+from patching.data.store import Store
 from patching.errors import InputError
-from patching.store import Store
 from stage2_diffusion.pipeline import DiffusionReconstructor, sample_diffusion
 from tests.stage2_diffusion.test_task import N, encoded_store, trained_run
 

@@ -1,0 +1,1 @@
+"""Image-quality and projection metrics, 2.5D LPIPS."""

@@ -1,0 +1,1 @@
+"""The DRR projector and CT physics."""

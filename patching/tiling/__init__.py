@@ -1,0 +1,1 @@
+"""Tile grid, Gaussian blending, stitching (in memory / out of core), streaming tiles."""
