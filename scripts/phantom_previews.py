@@ -18,11 +18,17 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from patching.data.preview import _physical_resize, _to_uint8, save_grid_png, triplanar_image  # noqa: E402
+from patching.data.preview import (  # noqa: E402
+    _physical_resize,
+    _to_uint8,
+    labelled_row,
+    save_grid_png,
+    triplanar_image,
+)
 from patching.data.synth_store import render_views  # noqa: E402
 from patching.phantoms.chest import synth_chest  # noqa: E402
 
@@ -38,17 +44,7 @@ def axial_row(hu: np.ndarray, spacing, height: int, title: str) -> Image.Image:
         tiles.append((f"z = {level:+.0f} mm",
                       _physical_resize(_to_uint8(sl, -1000.0, 600.0), spacing[1], spacing[0],
                                        height)))
-    pad, label_h, top = 6, 14, 18
-    width = sum(t.width for _, t in tiles) + pad * (len(tiles) + 1)
-    canvas = Image.new("L", (width, height + label_h + top + 2 * pad), 0)
-    draw = ImageDraw.Draw(canvas)
-    draw.text((pad, 3), title, fill=255)
-    x = pad
-    for name, t in tiles:
-        canvas.paste(t, (x, top + pad + label_h))
-        draw.text((x, top + pad), name, fill=200)
-        x += t.width + pad
-    return canvas
+    return labelled_row(tiles, height, title)
 
 
 def main() -> int:

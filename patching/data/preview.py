@@ -74,6 +74,11 @@ def triplanar_image(
     for name, img in (xrays or {}).items():
         arr = np.asarray(img, dtype=np.float32)
         tiles.append((f"X-ray {name}", _physical_resize(_to_uint8(arr, 0.0, 1.0), 1.0, 1.0, height)))
+    return labelled_row(tiles, height, title)
+
+
+def labelled_row(tiles: Sequence[tuple[str, Image.Image]], height: int, title: str | None = None) -> Image.Image:
+    """Images of one ``height`` side by side, each under its label, with an optional title line."""
     pad, top = 6, 18 if title else 0
     label_h = 14
     width = sum(t.width for _, t in tiles) + pad * (len(tiles) + 1)
