@@ -53,6 +53,12 @@ VQGAN_WIDTHS = ("model.base_channels=2", "model.norm_groups=2", "disc.channels=4
 DIFFUSION_WIDTHS = ("encoder.channels=8,8,8,8,8", "encoder.token_dim=16", "encoder.norm_groups=4",
                     "unet.base_channels=8", "unet.num_head_channels=8", "unet.context_dim=16", "unet.norm_groups=4")
 MACHINE = ("train.num_workers=1",)  # the preset's 4 loader processes on a 2-core machine: 1
+# diffusion loads one whole latent per step: no loader process (a forked worker doubled the tree's RSS)
+DIFFUSION_MACHINE = ("train.num_workers=0",)
+# glibc's dynamic mmap threshold climbs to 32 MB after the first large free, so the many
+# 10-30 MB activations of a whole-latent step land on the heap and fragment it (peak 4.6 GB instead
+# of 4.0 GB for one diffusion step); a fixed 4 MB threshold returns them to the OS (docs/full_resolution.md)
+ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": str(4 << 20)}
 VQGAN_STEPS = ("train.grad_accum=1",)  # a step count: one 256×256×128 tile per optimizer step (preset: 4)
 
 
@@ -66,10 +72,10 @@ class Plan:
     diffusion_steps: int = 2
     sample_steps: int = 2
     vqgan_sets: tuple[str, ...] = VQGAN_WIDTHS + VQGAN_STEPS + MACHINE
-    diffusion_sets: tuple[str, ...] = DIFFUSION_WIDTHS + MACHINE
+    diffusion_sets: tuple[str, ...] = DIFFUSION_WIDTHS + DIFFUSION_MACHINE
     scaling_z: tuple[int, ...] = (604, 316)  # 54 and 27 tiles of 256×256×128 at 25 % overlap
     xray_size: int | None = None
-    extra_env: dict = field(default_factory=dict)
+    extra_env: dict = field(default_factory=lambda: dict(ALLOCATOR_ENV))
 
 
 def reduced_plan(extra_env: dict | None = None) -> Plan:
@@ -79,7 +85,7 @@ def reduced_plan(extra_env: dict | None = None) -> Plan:
     return Plan(shape=(64, 64, 76), cases=3, vqgan_steps=1, diffusion_steps=1, sample_steps=1,
                 vqgan_sets=VQGAN_WIDTHS + small,
                 diffusion_sets=DIFFUSION_WIDTHS + ("sampler.fallback_window=8,8,8", "train.num_workers=0"),
-                scaling_z=(76, 44), xray_size=64, extra_env=dict(extra_env or {}))
+                scaling_z=(76, 44), xray_size=64, extra_env={**ALLOCATOR_ENV, **(extra_env or {})})
 
 
 # --- one stage = one subprocess, measured ---------------------------------------------------------
@@ -267,8 +273,9 @@ def summarise(result: dict, plan: Plan, scaling: list[dict] | None) -> dict:
         "sample_meta": {k: {m: v.get(m) for m in ("seconds", "peak_rss_mb", "latent_shape", "volume_shape", "window",
                                                    "steps")} for k, v in result["sample_meta"].items()},
         "environment": {**environment(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS")},
-        "note": ("wall times were taken on a 2-core machine shared with 7 other jobs (run under nice): they are "
-                 "upper bounds; cpu_seconds (the stage's own CPU time) is the steadier figure"),
+        "load_average_at_end": [round(v, 2) for v in os.getloadavg()],
+        "note": ("wall times depend on what else the machine ran (see load_average_at_end); cpu_seconds, the "
+                 "stage's own CPU time, is the steadier figure"),
     }
     if scaling:
         doc.update(scaling_summary(scaling))

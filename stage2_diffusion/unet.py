@@ -149,6 +149,7 @@ class LatentUNet3d(Pretrained):
         assert not skip_ch
         self.norm_out = GroupNorm32(cfg.norm_groups, c, eps=1e-6)
         self.conv_out = conv3d(c, cfg.latent_channels)
+        self.checkpointing = cfg.gradient_checkpointing
         init_unet_weights(self)
 
     @property
@@ -158,9 +159,13 @@ class LatentUNet3d(Pretrained):
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         """Turn recomputation of residual and attention blocks on or off (outputs are unchanged);
         overrides ``config.gradient_checkpointing`` without editing the config."""
+        self.checkpointing = bool(enabled)
         for m in self.modules():
             if isinstance(m, _Layer):
                 m.checkpointing = bool(enabled)
+
+    def _head(self, h: torch.Tensor) -> torch.Tensor:
+        return self.conv_out(F.silu(self.norm_out(h)))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor | int | float, tokens: torch.Tensor,
                 coords: Coords | None = None) -> torch.Tensor:
@@ -199,7 +204,10 @@ class LatentUNet3d(Pretrained):
             x = torch.cat([x, coordinate_channels(start, full, x.shape[2:], b, x.device, x.dtype)], dim=1)
 
         t_emb = self.time_mlp(timestep_embedding(t, cfg.level_channels[0]).to(x.dtype))  # (B, time_dim)
-        h = self.conv_in(x)
+        # the stem, the upsamplers and the head run at full latent resolution: recomputed too, so
+        # a whole 128×128×151 latent trains in < 4 GB on a CPU (docs/full_resolution.md)
+        ck = self.checkpointing
+        h = maybe_checkpoint(self.conv_in, x, enabled=ck)
         skips = [h]
         for i, blocks in enumerate(self.down):
             for blk in blocks:
@@ -214,8 +222,8 @@ class LatentUNet3d(Pretrained):
             for blk in blocks:
                 h = blk(torch.cat([h, skips.pop()], dim=1), t_emb, tokens)
             if j < len(self.upsamplers):
-                h = self.upsamplers[j](h)
-        out = self.conv_out(F.silu(self.norm_out(h)))
+                h = maybe_checkpoint(self.upsamplers[j], h, enabled=ck)
+        out = maybe_checkpoint(self._head, h, enabled=ck)
         return out[:, :, : shape[0], : shape[1], : shape[2]]
 
 
