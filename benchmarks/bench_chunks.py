@@ -29,7 +29,7 @@ def main() -> int:
     import zarr
     from zarr.codecs import BloscCodec
 
-    from patching.data.store import CT_CODEC, DEFAULT_CT_CHUNKS
+    from patching.data.volume_io import CT_CODEC, DEFAULT_CT_CHUNKS
     from patching.tiling.grid import tile_grid
 
     hu = phantom_volume()

@@ -194,7 +194,7 @@ def main() -> int:
     import zarr
 
     from benchmarks._common import phantom_volume
-    from patching.data.store import CT_CODEC, DEFAULT_CT_CHUNKS
+    from patching.data.volume_io import CT_CODEC, DEFAULT_CT_CHUNKS
 
     work = Path(tempfile.mkdtemp(prefix="bench-stitch-"))
     try:

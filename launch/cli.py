@@ -136,10 +136,10 @@ def _encode(args) -> int:
 
 
 def _sample(args) -> int:
-    from launch.tasks import load_reconstructor
-    from patching.artifacts.reconstruct import sample_files
+    from launch.tasks import RECONSTRUCTORS
+    from patching.artifacts.reconstruct import load_reconstructor, sample_files
 
-    rec = load_reconstructor(args.checkpoint, device=args.device, steps=args.steps, guidance=args.guidance)
+    rec = load_reconstructor(args.checkpoint, RECONSTRUCTORS, device=args.device, steps=args.steps, guidance=args.guidance)
     if args.windowed:
         if not callable(getattr(rec, "use_fallback_window", None)):
             raise InputError("--windowed", f"{rec.task} has no windowed sampling (diffusion only)")

@@ -8,7 +8,7 @@ trilinear interpolation (``align_corners=False``) and ``info["resampled"]`` / th
 
 - :class:`ReconstructorMethod` — any X-ray → CT method (diffusion, X2CT-GAN, X-Recon, ...)
   through its :class:`patching.artifacts.reconstruct.Reconstructor`, loaded by
-  :func:`launch.tasks.load_reconstructor` from the checkpoint's task. The case's stored X-rays
+  :func:`patching.artifacts.reconstruct.load_reconstructor` from the checkpoint's task. The case's stored X-rays
   of the views the model takes; a stochastic method draws ``K`` samples per case from a seed
   derived from ``--seed`` and the case id (:func:`case_seed`), so a case gets the same samples
   whichever process reconstructs it.
@@ -68,10 +68,11 @@ class Method(abc.ABC):
 class ReconstructorMethod(Method):
     def __init__(self, name: str, path: str | Path, device: str | torch.device, *, steps: int | None = None,
                  guidance: float | None = None):
-        from launch.tasks import load_reconstructor
+        from launch.tasks import RECONSTRUCTORS
+        from patching.artifacts.reconstruct import load_reconstructor
 
         self.name, self.source = name, str(path)
-        self.rec = load_reconstructor(path, device=device, steps=steps, guidance=guidance)
+        self.rec = load_reconstructor(path, RECONSTRUCTORS, device=device, steps=steps, guidance=guidance)
         self.kind, self.stochastic, self.grid = self.rec.task, self.rec.stochastic, tuple(self.rec.grid)
         self.views = tuple(self.rec.views)
         self.info = {**self.rec.info(), "kind": self.kind, "source": self.source, "resolved": str(self.rec.source)}

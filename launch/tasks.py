@@ -26,13 +26,16 @@ TASKS: dict[str, str] = {
 
 # Reconstructors: a checkpoint's task → the ``module:Class`` of its
 # :class:`patching.artifacts.reconstruct.Reconstructor`. `xray2ct sample`, `evaluate` and `demo` load
-# every method through :func:`load_reconstructor`; adding a method = one class + one line here.
+# every method through :func:`patching.artifacts.reconstruct.load_reconstructor` with this
+# registry; adding a method = one class + one line here. A task's ``module:attr`` reference
+# (recorded beside its name in every checkpoint) finds the same class.
 RECONSTRUCTORS: dict[str, str] = {
     "diffusion": "stage2_diffusion.pipeline:DiffusionReconstructor",
     "x2ct-gan": "gan_baselines.sampling:GanReconstructor",
     "x-recon": "gan_baselines.sampling:GanReconstructor",
     "s-xr2ct": "gan_baselines.sampling:GanReconstructor",
 }
+RECONSTRUCTORS.update({TASKS[name]: ref for name, ref in list(RECONSTRUCTORS.items())})
 
 REQUIRED = ("default_config", "build_models", "build_optimizers", "build_dataset", "train_step")
 
@@ -101,21 +104,3 @@ def _takes_no_arguments(fn: Any) -> bool:
 
 def _is_task(obj: Any) -> bool:
     return not isinstance(obj, type) and all(callable(getattr(obj, m, None)) for m in REQUIRED)
-
-
-def load_reconstructor(path: str | os.PathLike, **options: Any):
-    """The :class:`patching.artifacts.reconstruct.Reconstructor` of the checkpoint, run, ``latest``,
-    ``step-N`` or export at ``path``, chosen by the task it records (``options``: ``device``,
-    ``steps``, ``guidance``)."""
-    from patching.artifacts.format import describe
-
-    meta = describe(path)
-    ref = meta.get("task_ref")
-    task = next((name for name, r in TASKS.items() if r == ref), None) or str(meta.get("task"))
-    if task not in RECONSTRUCTORS:
-        hint = "; it denoises CTs: xray2ct denoise --checkpoint PATH --input CT.nii.gz --out OUT.nii.gz" \
-            if task == "cncl" else ""
-        raise InputError(path, f"is a {task!r} checkpoint, which does not reconstruct CTs from X-rays "
-                               f"(give one of: {', '.join(RECONSTRUCTORS)}){hint}")
-    module_name, _, attr = RECONSTRUCTORS[task].partition(":")
-    return getattr(importlib.import_module(module_name), attr).from_path(path, **options)

@@ -15,6 +15,7 @@ the networks below trust them. See docs/architecture.md ("The reconstructor").
 from __future__ import annotations
 
 import abc
+import importlib
 import json
 import numbers
 import resource
@@ -27,8 +28,9 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from patching.artifacts.format import describe
 from patching.data.preview import save_triplanar_png
-from patching.data.spec import VolumeSpec, centred_affine
+from patching.data.spec import VolumeSpec
 from patching.data.volume_io import write_nifti, write_zarr
 from patching.data.xray_io import read_xray
 from patching.errors import InputError
@@ -165,15 +167,30 @@ def to_shape(volume: np.ndarray, shape) -> np.ndarray:
     return torch.nn.functional.interpolate(t, size=shape, mode="trilinear", align_corners=False)[0, 0].numpy()
 
 
+def load_reconstructor(path: str | Path, registry: Mapping[str, str], **options: Any) -> Reconstructor:
+    """The :class:`Reconstructor` of the checkpoint, run, ``latest``, ``step-N`` or export at
+    ``path``, chosen by the task it records: ``registry`` maps a task name (or its ``module:attr``
+    reference) to the ``module:Class`` that loads it (``launch.tasks.RECONSTRUCTORS``);
+    ``options`` go to its ``from_path`` (``device``, ``steps``, ``guidance``)."""
+    meta = describe(path)
+    task = next((str(t) for t in (meta.get("task"), meta.get("task_ref")) if t in registry), None)
+    if task is None:
+        names = ", ".join(k for k in registry if ":" not in k)
+        raise InputError(path, f"is a {meta.get('task')!r} checkpoint, which does not reconstruct CTs from X-rays "
+                               f"(give one of: {names})")
+    module_name, _, attr = registry[task].partition(":")
+    return getattr(importlib.import_module(module_name), attr).from_path(path, **options)
+
+
 # --- the one writer -----------------------------------------------------------------------------
 
 
-def write_reconstruction(out: str | Path, volumes: Iterable[np.ndarray], spacing_mm, *,
+def write_reconstruction(out: str | Path, volumes: Iterable[np.ndarray], affine: np.ndarray, *,
                          xrays: Mapping[str, np.ndarray] | None = None, attrs: dict | None = None,
                          title: str = "") -> tuple[dict[str, Path], dict]:
     """Write K ≥ 1 int16 HU volumes (an iterable: never more than one held) into ``out``.
 
-    ``volume.nii.gz`` (RAS+, centred affine of ``spacing_mm``), ``volume.zarr`` (the store's
+    ``volume.nii.gz`` (RAS+ ``affine``, the reconstructor's geometry), ``volume.zarr`` (the store's
     chunks and codec, ``attrs`` + spacing, affine, units), ``preview.png`` (tri-planar with the
     X-rays) of the first volume; for K > 1 also ``sample-00k.nii.gz`` and the voxel-wise
     ``mean.nii.gz`` / ``std.nii.gz`` (Welford). Every file is written aside and renamed.
@@ -182,11 +199,13 @@ def write_reconstruction(out: str | Path, volumes: Iterable[np.ndarray], spacing
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     files: dict[str, Path] = {}
-    first = mean = m2 = affine = None
+    affine = np.asarray(affine, dtype=float)
+    spacing_mm = np.linalg.norm(affine[:3, :3], axis=0)  # the voxel size along each axis
+    first = mean = m2 = None
     k = -1
     for k, hu in enumerate(volumes):
         if k == 0:
-            first, affine = hu, centred_affine(hu.shape, spacing_mm)
+            first = hu
         else:
             files[f"sample_{k}"] = write_nifti(out / f"sample-{k:03d}.nii.gz", hu, affine)
         if k == 0:
@@ -233,7 +252,7 @@ def sample_files(rec: Reconstructor, pa: str | Path | None, lateral: str | Path 
         title = f"{rec.title()}, seed {seed}" + "".join(f", {info[k]} {k}" for k in ("steps", "guidance") if k in info)
     else:
         title = rec.title()
-    files, summary = write_reconstruction(out, volumes, rec.geometry.spacing_mm, xrays=shown, attrs=attrs, title=title)
+    files, summary = write_reconstruction(out, volumes, rec.geometry.affine(), xrays=shown, attrs=attrs, title=title)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
     meta = {**summary, **info, "seconds": round(time.perf_counter() - t0, 3), "peak_rss_mb": round(peak_mb, 1)}
     meta_path = out / "sample.json"

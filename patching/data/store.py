@@ -39,10 +39,10 @@ from typing import Any
 
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec
 
 from patching.checks import child_path, is_safe_name, read_json_doc
 from patching.data.staging import clean_stale, is_stale, owner_tag
+from patching.data.volume_io import DEFAULT_CT_CHUNKS, write_array
 from patching.errors import InputError, StorageError
 
 STORE_FORMAT_VERSION = 1
@@ -50,9 +50,6 @@ SPLITS = ("train", "val", "test")
 # Tile-friendly chunking for int16 CT, chosen with benchmarks/bench_chunks.py (see docs/data.md):
 # (64, 64, 32) aligns with the 256×256×128 tile grid at overlap 0.25 (strides 192, 192, 96), so a
 # grid tile reads exactly the voxels it needs; 256 KiB per chunk before compression.
-DEFAULT_CT_CHUNKS = (64, 64, 32)
-CT_CODEC = BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")
-FLOAT_CODEC = BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")
 _CASE_ID_OK = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -110,25 +107,6 @@ def _ensure_group(path: Path, attrs: Mapping[str, Any] | None = None) -> None:
     meta = path / "zarr.json"
     if not meta.exists():
         _write_json_atomic(meta, _group_meta(attrs))
-
-
-def _chunks_for(shape: tuple[int, ...], chunks: tuple[int, ...]) -> tuple[int, ...]:
-    return tuple(max(1, min(int(c), int(s))) for c, s in zip(chunks, shape))
-
-
-def write_array(path: Path, data: np.ndarray, *, chunks: tuple[int, ...] | None = None,
-                attrs: Mapping[str, Any] | None = None, fill_value: Any = 0) -> zarr.Array:
-    """Write ``data`` as a new Zarr v3 array at ``path`` (which must not exist)."""
-    data = np.ascontiguousarray(data)
-    if chunks is None:
-        chunks = data.shape
-    codec = CT_CODEC if data.dtype.kind in "iub" else FLOAT_CODEC
-    arr = zarr.create_array(
-        store=str(path), shape=data.shape, dtype=data.dtype, chunks=_chunks_for(data.shape, chunks),
-        compressors=codec, fill_value=fill_value, attributes=dict(attrs or {}), zarr_format=3,
-    )
-    arr[...] = data
-    return arr
 
 
 @dataclass

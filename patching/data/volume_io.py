@@ -1,17 +1,44 @@
-"""Write output volumes: NIfTI (int16 HU, RAS+ affine) and Zarr, each written aside and renamed."""
+"""Volume file formats, the one place for each: NIfTI (int16 HU, RAS+ affine) and Zarr v3 arrays
+(the store's chunks and Blosc codecs); every output written aside and renamed."""
 
 from __future__ import annotations
 
 import os
 import shutil
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
+import zarr
+from zarr.codecs import BloscCodec
 
-from patching.data.store import DEFAULT_CT_CHUNKS, write_array
 from patching.errors import InputError
+
+DEFAULT_CT_CHUNKS = (64, 64, 32)
+CT_CODEC = BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")
+FLOAT_CODEC = BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")
+
+
+def _chunks_for(shape: tuple[int, ...], chunks: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(max(1, min(int(c), int(s))) for c, s in zip(chunks, shape))
+
+
+def write_array(path: Path, data: np.ndarray, *, chunks: tuple[int, ...] | None = None,
+                attrs: Mapping[str, Any] | None = None, fill_value: Any = 0) -> zarr.Array:
+    """Write ``data`` as a new Zarr v3 array at ``path`` (which must not exist)."""
+    data = np.ascontiguousarray(data)
+    if chunks is None:
+        chunks = data.shape
+    codec = CT_CODEC if data.dtype.kind in "iub" else FLOAT_CODEC
+    arr = zarr.create_array(
+        store=str(path), shape=data.shape, dtype=data.dtype, chunks=_chunks_for(data.shape, chunks),
+        compressors=codec, fill_value=fill_value, attributes=dict(attrs or {}), zarr_format=3,
+    )
+    arr[...] = data
+    return arr
 
 
 def write_nifti(path: Path, hu: np.ndarray, affine: np.ndarray) -> Path:

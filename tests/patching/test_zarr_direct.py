@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import zarr
 
-from patching.data.store import CT_CODEC
+from patching.data.volume_io import CT_CODEC
 from patching.data.zarr_direct import chunk_reader, region_reader
 from patching.errors import InputError
 
