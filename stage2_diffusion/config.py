@@ -98,6 +98,9 @@ class UNetConfig:
             (``memory_efficient_attention``; CUDA with xformers installed only).
         norm_groups: GroupNorm groups; must divide every level's channels.
         dropout: dropout inside residual blocks.
+        mean_latent_shape: set by training when ``diffusion.center_latents`` is on (the latent
+            shape ``(x, y, z)``): the UNet then holds the training latents' mean and residual
+            scale as buffers (saved with its weights) and works on centred latents.
     """
 
     latent_channels: int = 8
@@ -113,9 +116,14 @@ class UNetConfig:
     attention_backend: str = "sdpa"
     norm_groups: int = 8
     dropout: float = 0.0
+    mean_latent_shape: tuple[int, int, int] | None = None
 
     def __post_init__(self) -> None:
         self.channel_mults = tuple(self.channel_mults)
+        if self.mean_latent_shape is not None:
+            self.mean_latent_shape = tuple(self.mean_latent_shape)
+            _need(len(self.mean_latent_shape) == 3 and _ints(self.mean_latent_shape), "unet.mean_latent_shape",
+                  "needs three positive integers or none", self.mean_latent_shape)
         self.cross_attn_levels = tuple(sorted(set(self.cross_attn_levels)))
         for key in ("latent_channels", "base_channels", "num_res_blocks", "num_head_channels", "context_dim",
                     "norm_groups"):
@@ -167,6 +175,12 @@ class DiffusionConfig:
         cfg_dropout: probability that the training task replaces a sample's condition by the
             learned null condition (classifier-free guidance).
         guidance_scale: default guidance ``g`` at sampling (``u + g·(c − u)``; 1 = conditional).
+        center_latents: diffuse ``(z − mean) / s`` instead of the scaled latent ``z``: ``mean`` is
+            the training split's voxel-wise mean latent and ``s`` the residual's std, both read
+            from the store at the start of training and saved in the UNet. Most of a chest
+            latent's variance is anatomy every case shares; centred, the untrained model already
+            samples the mean and training spends itself on what the X-ray tells apart
+            (docs/results.md). Whole latents of one shape only.
     """
 
     num_train_timesteps: int = 1000
@@ -176,6 +190,7 @@ class DiffusionConfig:
     prediction_type: str = "epsilon"
     cfg_dropout: float = 0.1
     guidance_scale: float = 2.0
+    center_latents: bool = False
 
     def __post_init__(self) -> None:
         _need(_pos_int(self.num_train_timesteps), "diffusion.num_train_timesteps", "must be a positive integer",

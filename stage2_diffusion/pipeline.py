@@ -206,7 +206,7 @@ class DiffusionReconstructor(Reconstructor):
         lat = sample_latents(self.model.unet, self.model.encoder, x, present, shape=shape, scheduler=self.scheduler,
                              steps=self.steps, guidance=self.guidance, generator=generator, window=window,
                              overlap=cfg.sampler.overlap if overlap is None else overlap, progress=self.progress)
-        return lat[0].cpu() / self.latent_scale_factor
+        return self.model.unet.from_centred(lat)[0].cpu() / self.latent_scale_factor
 
     def sample_latent(self, xrays: dict[str, np.ndarray], *, seed: int = 0, window="config",
                       overlap: float | None = None) -> torch.Tensor:

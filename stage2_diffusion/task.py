@@ -49,7 +49,7 @@ from patching.errors import InputError
 
 from .config import Stage2Config
 from .config import preset as stage2_preset
-from .data import LatentDataset, collate, encoded_cases
+from .data import LatentDataset, collate, encoded_cases, latent_source
 from .sampler import sample_latents
 from .schedules import add_noise, sample_scheduler, train_scheduler, training_target
 from .unet import LatentUNet3d
@@ -123,6 +123,29 @@ def task_config(name: str) -> DiffusionTaskConfig:
                                latent_shape=None)
 
 
+def latent_centre(store: Store, split: str | None) -> tuple[Tensor, float]:
+    """``(mean, s)``: the voxel-wise mean of the split's scaled latents ``(C, x, y, z)`` and the
+    std of what is left, ``sqrt(mean over voxels and cases of (z - mean)^2)``. One pass over the
+    cases in float64; all latents must share one shape (the error names the odd case)."""
+    scale, ref = latent_source(store)
+    ids, shapes = encoded_cases(store, split, ref)
+    if not ids:
+        raise InputError(store.path, f"no encoded case in split {split!r} to centre the latents on")
+    store_latent_shape(ids, shapes, mixed_ok=False, where=str(store.path))
+    total = sq = None
+    for cid in ids:
+        z = np.asarray(store.case(cid).latent[...], dtype=np.float64) * scale
+        total = z if total is None else total + z
+        sq = z * z if sq is None else sq + z * z
+    n = len(ids)
+    mean = total / n
+    resid = float(np.sqrt(max(float((sq / n - mean * mean).mean()), 0.0)))
+    if not np.isfinite(resid) or resid <= 1e-8:
+        raise InputError(store.path, f"the {n} training latent(s) do not vary (residual std {resid:.3g}); "
+                                     "centred latents need more than one distinct case")
+    return torch.from_numpy(mean.astype(np.float32)), resid
+
+
 def store_latent_shape(case_ids: list[str], shapes: list[tuple[int, ...]], *, mixed_ok: bool,
                        where: str) -> tuple[int, int, int]:
     """The whole-latent ``(x, y, z)`` the training cases share.
@@ -177,6 +200,7 @@ class DiffusionTask:
         self.store = None
         self.rank = 0
         self._val: tuple[LatentDataset | None, list[int]] | None = None
+        self.centre: tuple[Tensor, float] | None = None
 
     def default_config(self, preset: str) -> DiffusionTaskConfig:
         return task_config(preset)
@@ -184,11 +208,30 @@ class DiffusionTask:
     def train_defaults(self, preset: str) -> dict[str, Any]:
         return dict(TRAIN_DEFAULTS[preset])
 
+    def prepare(self, cfg, store, preset) -> None:
+        """With ``diffusion.center_latents``: the training split's mean scaled latent and residual
+        std (:func:`latent_centre`), kept for :meth:`build_models`; ``unet.mean_latent_shape`` is
+        set to their shape (recorded in the run config, so the UNet loads with its buffers)."""
+        self.centre = None
+        if not cfg.diffusion.center_latents:
+            cfg.unet.mean_latent_shape = None
+            return
+        if store is None:
+            raise InputError("diffusion.center_latents", "needs a store to read the training latents from")
+        self.centre = latent_centre(store if isinstance(store, Store) else Store(store), cfg.train.split)
+        shape = tuple(self.centre[0].shape[1:])
+        if cfg.latent_shape is not None and tuple(cfg.latent_shape) != shape:
+            raise InputError("latent_shape", f"is {tuple(cfg.latent_shape)}, the training latents are {shape}; "
+                                             "centred latents (diffusion.center_latents) need the store's shape")
+        cfg.unet.mean_latent_shape = shape
+
     def build_models(self, cfg) -> dict[str, nn.Module]:
         self.cfg = cfg
         self.scheduler = train_scheduler(cfg.diffusion)
         model = DiffusionModel(cfg)
         model.unet.set_gradient_checkpointing(cfg.unet.gradient_checkpointing)
+        if self.centre is not None:
+            model.unet.set_centre(*self.centre)
         return {"diffusion": model}
 
     def build_optimizers(self, cfg, models) -> dict[str, torch.optim.Optimizer]:
@@ -237,7 +280,7 @@ class DiffusionTask:
 
     def train_step(self, batch, models, step, ctx) -> dict[str, Tensor]:
         cfg, sched = self.cfg, self.scheduler
-        x0 = batch["latent"].float()  # (B, C, x, y, z), scaled
+        x0 = ctx.unwrap("diffusion").unet.to_centred(batch["latent"].float(), batch["start"])  # (B, C, x, y, z)
         b, dev = x0.shape[0], x0.device
         g = ctx.generator
         t = torch.randint(0, sched.config.num_train_timesteps, (b,), generator=g, device=g.device).to(dev)
@@ -316,6 +359,7 @@ class DiffusionTask:
                 crop = full if cfg.data.crop is None else tuple(min(c, n) for c, n in zip(cfg.data.crop, full))
                 start = tuple((n - c) // 2 for n, c in zip(full, crop))
                 x0 = latent[(slice(None), *(slice(a, a + c) for a, c in zip(start, crop)))].to(dev)
+                x0 = model.unet.to_centred(x0[None], torch.tensor(start))[0]
                 xray, present = item["xray"][None].to(dev), item["views_present"][None].to(dev)
                 noise = torch.randn((VAL_TIMESTEPS, *x0.shape), generator=g, dtype=torch.float32)
                 for a in range(0, VAL_TIMESTEPS, chunk):
@@ -333,7 +377,7 @@ class DiffusionTask:
                                             scheduler=sampler, steps=steps, guidance=cfg.diffusion.guidance_scale,
                                             generator=g, window=cfg.sampler.window, overlap=cfg.sampler.overlap,
                                             progress=False)
-                sample = sample[0].float().cpu()
+                sample = model.unet.from_centred(sample.float())[0].cpu()
                 peak = float(latent.max() - latent.min())
                 mse = float(((sample - latent).double() ** 2).mean())
                 psnrs.append(10 * math.log10(max(peak, 1e-12) ** 2 / max(mse, 1e-20)))

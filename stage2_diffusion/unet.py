@@ -26,6 +26,7 @@ not). Padded voxels get extrapolated positions and are cropped away.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -151,6 +152,9 @@ class LatentUNet3d(Pretrained):
         self.conv_out = conv3d(c, cfg.latent_channels)
         self.checkpointing = cfg.gradient_checkpointing
         init_unet_weights(self)
+        if cfg.mean_latent_shape is not None:  # centred latents (diffusion.center_latents): set_centre
+            self.register_buffer("latent_mean", torch.zeros(cfg.latent_channels, *cfg.mean_latent_shape))
+            self.register_buffer("latent_residual_scale", torch.ones(()))
 
     @property
     def latent_channels(self) -> int:
@@ -163,6 +167,46 @@ class LatentUNet3d(Pretrained):
         for m in self.modules():
             if isinstance(m, _Layer):
                 m.checkpointing = bool(enabled)
+
+    # --- centred latents (diffusion.center_latents) -------------------------------------------------
+    @property
+    def centred(self) -> bool:
+        return self.cfg.mean_latent_shape is not None
+
+    def set_centre(self, mean: torch.Tensor, scale: float) -> None:
+        """Store the training latents' mean ``(C, *mean_latent_shape)`` and residual std."""
+        if not self.centred:
+            raise InputError("unet.mean_latent_shape", "is unset: this UNet works on uncentred latents")
+        mean = torch.as_tensor(mean, dtype=torch.float32)
+        if tuple(mean.shape) != tuple(self.latent_mean.shape):
+            raise InputError("latent mean", f"has shape {tuple(mean.shape)}, the UNet expects {tuple(self.latent_mean.shape)}")
+        if not (torch.isfinite(mean).all() and math.isfinite(scale) and scale > 0):
+            raise InputError("latent mean", f"needs finite values and a positive residual scale, got {scale!r}")
+        self.latent_mean.copy_(mean)
+        self.latent_residual_scale.fill_(float(scale))
+
+    def _mean_at(self, like: torch.Tensor, start) -> torch.Tensor:
+        """The mean latent under ``like`` ``(B, C, x, y, z)``: whole, or cropped at ``start`` ``(B, 3)``."""
+        mean = self.latent_mean.to(like.dtype)
+        crop = tuple(like.shape[2:])
+        if crop == tuple(mean.shape[1:]):
+            return mean.expand(like.shape[0], *mean.shape)
+        if start is None:
+            raise InputError("latents", f"a crop {crop} of a centred latent needs its start")
+        start = torch.as_tensor(start).reshape(-1, 3).expand(like.shape[0], 3).tolist()
+        return torch.stack([mean[:, a:a + crop[0], b:b + crop[1], c:c + crop[2]] for a, b, c in start])
+
+    def to_centred(self, latent: torch.Tensor, start=None) -> torch.Tensor:
+        """Scaled latents ``(B, C, x, y, z)`` → what the UNet diffuses (unchanged when uncentred)."""
+        if not self.centred:
+            return latent
+        return (latent - self._mean_at(latent, start)) / self.latent_residual_scale.to(latent.dtype)
+
+    def from_centred(self, x: torch.Tensor, start=None) -> torch.Tensor:
+        """The inverse of :meth:`to_centred`: sampled ``x`` → scaled latents."""
+        if not self.centred:
+            return x
+        return x * self.latent_residual_scale.to(x.dtype) + self._mean_at(x, start)
 
     def _head(self, h: torch.Tensor) -> torch.Tensor:
         return self.conv_out(F.silu(self.norm_out(h)))
