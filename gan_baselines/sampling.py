@@ -155,7 +155,8 @@ class GanReconstructor(Reconstructor):
         self.step, self.weights, self.source = loaded.step, loaded.weights, loaded.source
 
     @classmethod
-    def from_path(cls, path, *, device=None, steps=None, guidance=None, spec: VolumeSpec | None = None):
+    def from_path(cls, path, *, device=None, steps=None, guidance=None, drr_guidance=None,
+                  spec: VolumeSpec | None = None):
         return cls(load_generator(path, device or "cpu"), spec)
 
     def _volumes(self, xrays, seed, num_samples, shape):

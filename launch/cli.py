@@ -97,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--steps", type=int, default=None, help="sampler steps (diffusion)")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (diffusion)")
+    p.add_argument("--drr-guidance", type=int, default=None, metavar="N",
+                   help="projection-consistency iterations per sampler step (diffusion; 0 = off; default: its config)")
     p.add_argument("--num-samples", type=int, default=1, help="samples; >1 also writes mean and std volumes")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None)
@@ -139,7 +141,8 @@ def _sample(args) -> int:
     from launch.tasks import RECONSTRUCTORS
     from patching.artifacts.reconstruct import load_reconstructor, sample_files
 
-    rec = load_reconstructor(args.checkpoint, RECONSTRUCTORS, device=args.device, steps=args.steps, guidance=args.guidance)
+    rec = load_reconstructor(args.checkpoint, RECONSTRUCTORS, device=args.device, steps=args.steps, guidance=args.guidance,
+                             drr_guidance=args.drr_guidance)
     if args.windowed:
         if not callable(getattr(rec, "use_fallback_window", None)):
             raise InputError("--windowed", f"{rec.task} has no windowed sampling (diffusion only)")

@@ -213,7 +213,8 @@ def _run_method(m: Method, case: Case, ctx: Mapping, fig: list | None, *, seed: 
 
 
 def evaluate(store: str | Path, methods: Mapping[str, str | Path], out: str | Path, *, split: str = "test",
-             num_samples: int = 1, steps: int | None = None, guidance: float | None = None, seed: int = 0,
+             num_samples: int = 1, steps: int | None = None, guidance: float | None = None,
+             drr_guidance: int | None = None, seed: int = 0,
              figure_cases: int = 2, max_cases: int | None = None, mean_baseline: bool = True,
              figure_case_ids: Sequence[str] | None = None,
              lpips_weights: str | Path | None = None, device: str | None = None, preset: str = "cpu-demo",
@@ -241,6 +242,8 @@ def evaluate(store: str | Path, methods: Mapping[str, str | Path], out: str | Pa
     seed = _positive(seed, "--seed", zero=True)
     if guidance is not None and not (isinstance(guidance, (int, float)) and math.isfinite(guidance) and guidance >= 0):
         raise InputError("--guidance", f"needs a finite number >= 0, got {guidance!r}")
+    if drr_guidance is not None:
+        drr_guidance = _positive(drr_guidance, "--drr-guidance", zero=True)
     _check_names(methods, num_samples)
     out = Path(out)
     _check_out(out)
@@ -288,7 +291,7 @@ def evaluate(store: str | Path, methods: Mapping[str, str | Path], out: str | Pa
     live: list[Method] = []
     for name, path in methods.items():
         try:
-            live.append(load_method(name, path, device=dev, steps=steps, guidance=guidance))
+            live.append(load_method(name, path, device=dev, steps=steps, guidance=guidance, drr_guidance=drr_guidance))
         except Exception as err:  # noqa: BLE001 - any failure to load is reported, the others go on
             fail(name, "load", err)
     if mean_baseline:
@@ -325,6 +328,7 @@ def evaluate(store: str | Path, methods: Mapping[str, str | Path], out: str | Pa
     return _finish(gathered, ids=ids, methods=methods, live=live, out=out, main=main_proc, settings={
         "store": str(st.path), "split": split, "preset": preset, "hu_window": list(window),
         "data_range_hu": window[1] - window[0], "num_samples": num_samples, "steps": steps, "guidance": guidance,
+        "drr_guidance": drr_guidance,
         "seed": seed, "figure_cases": figure_cases, "max_cases": max_cases, "mean_baseline": mean_baseline,
         "lpips_weights": None if lpips_weights is None else str(lpips_weights), "device": str(dev),
         "world_size": state.num_processes}, command=command, t_start=t_start)
@@ -402,7 +406,7 @@ def _command(store, methods, out, **kw) -> str:
         args += ["--method", f"{name}={path}"]
     args += ["--out", str(out)]
     for flag, key in (("--num-samples", "num_samples"), ("--steps", "steps"), ("--guidance", "guidance"),
-                      ("--seed", "seed"), ("--figure-cases", "figure_cases"), ("--max-cases", "max_cases"),
+                      ("--drr-guidance", "drr_guidance"), ("--seed", "seed"), ("--figure-cases", "figure_cases"), ("--max-cases", "max_cases"),
                       ("--lpips-weights", "lpips_weights"), ("--device", "device"), ("--preset", "preset")):
         if kw[key] is not None:
             args += [flag, str(kw[key])]
@@ -426,6 +430,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="samples per case of stochastic methods; K > 1 also scores their mean as NAME-meanK")
     p.add_argument("--steps", type=int, default=None, help="sampler steps (diffusion; default: its config)")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance (diffusion)")
+    p.add_argument("--drr-guidance", type=int, default=None, metavar="N",
+                   help="projection-consistency iterations per sampler step (diffusion; 0 = off; default: its config)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (mixed with each case id)")
     p.add_argument("--figure-cases", type=int, default=2, metavar="N", help="comparison figures of the first N cases")
     p.add_argument("--figure-case", action="append", default=[], metavar="ID",
@@ -448,7 +454,7 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "xray2ct evaluate") -
     try:
         results = evaluate(
             args.store, parse_methods(args.method), args.out, split=args.split, num_samples=args.num_samples,
-            steps=args.steps, guidance=args.guidance, seed=args.seed, figure_cases=args.figure_cases,
+            steps=args.steps, guidance=args.guidance, drr_guidance=args.drr_guidance, seed=args.seed, figure_cases=args.figure_cases,
             max_cases=args.max_cases, mean_baseline=not args.no_mean_baseline, lpips_weights=args.lpips_weights,
             figure_case_ids=args.figure_case or None,
             device=args.device, preset=args.preset, command=shlex.join([*prog.split(), *argv]))

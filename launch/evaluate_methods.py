@@ -67,12 +67,13 @@ class Method(abc.ABC):
 
 class ReconstructorMethod(Method):
     def __init__(self, name: str, path: str | Path, device: str | torch.device, *, steps: int | None = None,
-                 guidance: float | None = None):
+                 guidance: float | None = None, drr_guidance: int | None = None):
         from launch.tasks import RECONSTRUCTORS
         from patching.artifacts.reconstruct import load_reconstructor
 
         self.name, self.source = name, str(path)
-        self.rec = load_reconstructor(path, RECONSTRUCTORS, device=device, steps=steps, guidance=guidance)
+        self.rec = load_reconstructor(path, RECONSTRUCTORS, device=device, steps=steps, guidance=guidance,
+                                      drr_guidance=drr_guidance)
         self.kind, self.stochastic, self.grid = self.rec.task, self.rec.stochastic, tuple(self.rec.grid)
         self.views = tuple(self.rec.views)
         self.info = {**self.rec.info(), "kind": self.kind, "source": self.source, "resolved": str(self.rec.source)}
@@ -108,12 +109,12 @@ class MeanVolumeMethod(Method):
 
 
 def load_method(name: str, path: str | Path, *, device: str | torch.device = "cpu", steps: int | None = None,
-                guidance: float | None = None) -> Method:
+                guidance: float | None = None, drr_guidance: int | None = None) -> Method:
     """The adapter for the checkpoint, run, ``latest`` file or export at ``path``.
 
     Raises :class:`InputError` (or whatever the loader raises) when it cannot be loaded.
     """
-    return ReconstructorMethod(name, path, device, steps=steps, guidance=guidance)
+    return ReconstructorMethod(name, path, device, steps=steps, guidance=guidance, drr_guidance=drr_guidance)
 
 
 def train_sum(store: Store, window: tuple[float, float], *, rank: int = 0, world_size: int = 1,

@@ -219,6 +219,9 @@ class SamplerConfig:
         overlap: fraction of a window shared by neighbours, in ``[0, 1)``.
         fallback_window: the window ``xray2ct sample --windowed`` uses when the whole latent
             does not fit the device (``None``: no fallback configured).
+        drr_guidance_iters: projection consistency at sampling (:mod:`stage2_diffusion.guidance`):
+            Adam steps per sampler step that bring the estimate's DRRs towards the X-rays; 0 = off.
+        drr_guidance_lr: their learning rate (in the diffusion's latent units).
     """
 
     name: str = "ddim"
@@ -226,6 +229,8 @@ class SamplerConfig:
     window: tuple[int, int, int] | None = None
     overlap: float = 0.25
     fallback_window: tuple[int, int, int] | None = None
+    drr_guidance_iters: int = 0
+    drr_guidance_lr: float = 0.05
 
     def __post_init__(self) -> None:
         for key in ("window", "fallback_window"):
@@ -236,6 +241,11 @@ class SamplerConfig:
         _need(self.name in SAMPLERS, "sampler.name", f"must be one of {SAMPLERS}", self.name)
         _need(_pos_int(self.steps), "sampler.steps", "must be a positive integer", self.steps)
         _need(_finite(self.overlap) and 0 <= self.overlap < 1, "sampler.overlap", "must be in [0, 1)", self.overlap)
+        _need(isinstance(self.drr_guidance_iters, int) and not isinstance(self.drr_guidance_iters, bool)
+              and self.drr_guidance_iters >= 0, "sampler.drr_guidance_iters", "must be an integer >= 0",
+              self.drr_guidance_iters)
+        _need(_finite(self.drr_guidance_lr) and self.drr_guidance_lr > 0, "sampler.drr_guidance_lr",
+              "must be a positive number", self.drr_guidance_lr)
 
 
 @dataclass

@@ -59,6 +59,7 @@ from stage1_vqgan.codec import decode_latent
 from stage1_vqgan.encode import load_vqgan
 
 from .config import Stage2Config
+from .guidance import ProjectionGuidance, vqgan_decoder
 from .sampler import sample_latents
 from .schedules import sample_scheduler
 from .task import DiffusionModel, DiffusionTaskConfig
@@ -121,6 +122,8 @@ class DiffusionReconstructor(Reconstructor):
         vqgan: the VQ-GAN's checkpoint/export when it moved (default: the recorded path); its
             weights must have the recorded sha256.
         steps, guidance: sampler steps and CFG scale (default: the checkpoint's config).
+        drr_guidance: projection-consistency iterations per step (:mod:`stage2_diffusion.guidance`;
+            default: the config's ``sampler.drr_guidance_iters``; 0 = off).
         progress: tqdm bar over the denoising steps.
 
     Raises:
@@ -129,7 +132,7 @@ class DiffusionReconstructor(Reconstructor):
 
     def __init__(self, checkpoint: str | Path, *, device: str | torch.device | None = None,
                  vqgan: str | Path | None = None, steps: int | None = None, guidance: float | None = None,
-                 progress: bool = False):
+                 drr_guidance: int | None = None, progress: bool = False):
         self.device = resolve_device(device)
         loaded = load_diffusion(checkpoint, self.device)
         cfg, extra = loaded.cfg, loaded.extra
@@ -161,6 +164,10 @@ class DiffusionReconstructor(Reconstructor):
         self.geometry = VolumeSpec(self.volume_shape, self.spacing_mm, self.hu_window)
         self.scheduler = sample_scheduler(cfg.diffusion, cfg.sampler.name)
         self.window = cfg.sampler.window
+        iters = cfg.sampler.drr_guidance_iters if drr_guidance is None else drr_guidance
+        if isinstance(iters, bool) or not isinstance(iters, numbers.Integral) or iters < 0:
+            raise InputError("--drr-guidance", f"must be an integer >= 0, got {iters!r}")
+        self.drr_guidance_iters = int(iters)
 
     def use_fallback_window(self) -> None:
         """Denoise in the config's ``sampler.fallback_window`` windows from now on (``xray2ct
@@ -173,14 +180,15 @@ class DiffusionReconstructor(Reconstructor):
     stochastic = True
 
     @classmethod
-    def from_path(cls, path, *, device=None, steps=None, guidance=None) -> DiffusionReconstructor:
-        return cls(path, device=device, steps=steps, guidance=guidance)
+    def from_path(cls, path, *, device=None, steps=None, guidance=None, drr_guidance=None) -> DiffusionReconstructor:
+        return cls(path, device=device, steps=steps, guidance=guidance, drr_guidance=drr_guidance)
 
     def info(self) -> dict:
         return {**super().info(), "steps": int(self.steps), "guidance": float(self.guidance),
                 "vqgan": self.vqgan_reference, "latent_scale_factor": self.latent_scale_factor,
                 "latent_shape": list(self.latent_shape), "device": str(self.device),
-                "window": None if self.window is None else list(self.window)}
+                "window": None if self.window is None else list(self.window),
+                "drr_guidance_iters": self.drr_guidance_iters}
 
     def _inputs(self, xrays: dict[str, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
         """``(1, V, S, S)`` checked X-rays resized to the encoder's size and ``(1, V)`` views present."""
@@ -195,17 +203,28 @@ class DiffusionReconstructor(Reconstructor):
             generator = torch.Generator().manual_seed(seed)
         except RuntimeError as err:
             raise InputError("seed", f"{seed} is not a valid seed ({err})") from None
+        correct = self._projection_guidance(xrays)
         for _ in range(num_samples):
-            vol = self.decode(self._latent(x, present, generator, self.window))
+            vol = self.decode(self._latent(x, present, generator, self.window, correct=correct))
             yield vol if vol.shape == shape else to_shape(vol, shape)
 
+    def _projection_guidance(self, xrays: dict[str, np.ndarray]) -> ProjectionGuidance | None:
+        """Projection consistency with these X-rays (``sampler.drr_guidance_iters`` > 0), else None."""
+        if not self.drr_guidance_iters:
+            return None
+        decode = vqgan_decoder(self.vq.model, self.model.unet, self.latent_scale_factor, self.hu_window)
+        targets = {v: torch.from_numpy(np.asarray(img, dtype=np.float32)).to(self.device) for v, img in xrays.items()}
+        return ProjectionGuidance(decode, targets, self.spacing_mm, iters=self.drr_guidance_iters,
+                                  lr=self.cfg.sampler.drr_guidance_lr)
+
     def _latent(self, x: torch.Tensor, present: torch.Tensor, generator: torch.Generator,
-                window, overlap: float | None = None) -> torch.Tensor:
+                window, overlap: float | None = None, correct=None) -> torch.Tensor:
         cfg = self.cfg
         shape = (cfg.unet.latent_channels, *self.latent_shape)
         lat = sample_latents(self.model.unet, self.model.encoder, x, present, shape=shape, scheduler=self.scheduler,
                              steps=self.steps, guidance=self.guidance, generator=generator, window=window,
-                             overlap=cfg.sampler.overlap if overlap is None else overlap, progress=self.progress)
+                             overlap=cfg.sampler.overlap if overlap is None else overlap, progress=self.progress,
+                             correct=correct)
         return self.model.unet.from_centred(lat)[0].cpu() / self.latent_scale_factor
 
     def sample_latent(self, xrays: dict[str, np.ndarray], *, seed: int = 0, window="config",

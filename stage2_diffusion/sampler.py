@@ -31,6 +31,8 @@ from patching.errors import InputError
 from patching.tiling.blend import tile_weights
 from patching.tiling.grid import as_overlap, as_tile, tile_grid
 
+from .guidance import corrected_output
+
 Predict = Callable[[torch.Tensor, tuple], torch.Tensor]  # (latent crop, (start, full_shape)) -> output
 
 
@@ -89,7 +91,8 @@ def windowed_prediction(predict: Predict, latents: torch.Tensor, window: Sequenc
 @torch.no_grad()
 def sample_latents(unet, encoder, xrays: torch.Tensor, views_present: torch.Tensor | None = None, *,
                    shape: Sequence[int], scheduler, steps: int, guidance: float, generator: torch.Generator,
-                   window: Sequence[int] | None = None, overlap: float = 0.25, progress: bool = True) -> torch.Tensor:
+                   window: Sequence[int] | None = None, overlap: float = 0.25, progress: bool = True,
+                   correct: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """Sample latents ``(B, C, X, Y, Z)`` for a batch of X-rays.
 
     Args:
@@ -110,6 +113,8 @@ def sample_latents(unet, encoder, xrays: torch.Tensor, views_present: torch.Tens
         window, overlap: latent window for tiled denoising (see module docstring); ``None`` or
             a window covering the latent denoises the whole latent at once.
         progress: tqdm bar over steps.
+        correct: ``x̂0 → x̂0'`` applied to each step's clean estimate before the scheduler step
+            (:class:`stage2_diffusion.guidance.ProjectionGuidance`); ``None``: none.
 
     Returns:
         float32 latents in the diffusion's (scaled) latent space — divide by the stored scale
@@ -141,6 +146,8 @@ def sample_latents(unet, encoder, xrays: torch.Tensor, views_present: torch.Tens
             return guided_prediction(unet, crop, t, cond, null, guidance, coords=coords)
 
         pred = windowed_prediction(predict, model_in, window, overlap)
+        if correct is not None:
+            pred = corrected_output(scheduler, t, latents, pred, correct)
         latents = scheduler.step(pred, t, latents, generator=generator).prev_sample
     return latents
 

@@ -60,9 +60,10 @@ class Reconstructor(abc.ABC):
     @classmethod
     @abc.abstractmethod
     def from_path(cls, path: str | Path, *, device: str | torch.device | None = None,
-                  steps: int | None = None, guidance: float | None = None) -> Reconstructor:
+                  steps: int | None = None, guidance: float | None = None,
+                  drr_guidance: int | None = None) -> Reconstructor:
         """Load from a run directory, ``checkpoints/``, ``latest``, ``step-N`` or an export
-        (``steps``/``guidance``: sampler settings, ignored by deterministic methods)."""
+        (``steps``/``guidance``/``drr_guidance``: sampler settings, ignored by deterministic methods)."""
 
     @abc.abstractmethod
     def _volumes(self, xrays: dict[str, np.ndarray], seed: int, num_samples: int,
