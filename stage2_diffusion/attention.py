@@ -35,7 +35,11 @@ def check_backend(backend: str) -> None:
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "sdpa") -> torch.Tensor:
     """``softmax(q kᵀ/√d) v`` for ``q (B, H, Nq, d)``, ``k, v (B, H, Nk, d)`` → ``(B, H, Nq, d)``."""
     if backend == "sdpa":
-        return F.scaled_dot_product_attention(q, k, v)
+        # Contiguous (B, H, N, d): the views the blocks hand over are strided (d runs across the
+        # voxels), and with strided inputs SDPA falls back to the math kernel, which materialises
+        # the N×N weights: 2.2 GB instead of 7 MB for self-attention over 16×16×19 voxels on a CPU
+        # (measured; docs/full_resolution.md). The fused kernels want the last dimension dense.
+        return F.scaled_dot_product_attention(q.contiguous(), k.contiguous(), v.contiguous())
     if backend != "xformers":
         raise InputError("unet.attention_backend", f"must be 'sdpa' or 'xformers', got {backend!r}")
     if not q.is_cuda:

@@ -281,3 +281,19 @@ def test_presets_and_parameter_counts():
     # dataclasses.replace copies only the top level: presets must return fresh sections
     assert cpu_demo().unet is not demo.unet
     copy.deepcopy(big)
+
+
+def test_attention_blocks_run_the_fused_kernel_not_the_math_one():
+    """The blocks' q/k/v are strided views; handed over as they are, SDPA falls back to the math
+    kernel that materialises the N×N weights (2.2 GB for 16×16×19 voxels). They must reach a fused one."""
+    from torch.profiler import profile
+
+    from stage2_diffusion.attention import CrossAttention3d, SelfAttention3d
+
+    x = torch.randn(1, 16, 4, 4, 5, requires_grad=True)
+    with profile() as prof:
+        out = SelfAttention3d(16, 4, 2)(x) + CrossAttention3d(16, 8, 4, 2)(x, torch.randn(1, 6, 8))
+        out.sum().backward()
+    names = {e.name for e in prof.events()}
+    assert "aten::_scaled_dot_product_attention_math" not in names
+    assert any("flash_attention" in n or "efficient_attention" in n for n in names), sorted(n for n in names if "attention" in n)
