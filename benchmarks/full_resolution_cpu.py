@@ -171,9 +171,11 @@ def check_nifti(path: Path, shape, spacing) -> dict:
             "affine": np.round(img.affine, 4).tolist(), "checks": checks, "ok": all(checks.values())}
 
 
-def run_pipeline(out: Path, plan: Plan, on_stage=None) -> dict:
+def run_pipeline(out: Path, plan: Plan, on_stage=None, done: dict | None = None) -> dict:
     """Every stage of the module docstring; returns ``{"stages", "output", "sample_meta"}``.
-    ``on_stage(stages)`` is called after each stage (the script records partial results)."""
+    ``on_stage(stages)`` is called after each stage (the script records partial results);
+    ``done`` holds the figures of stages an earlier run of the same plan finished into ``out``
+    (``--continue``): those are kept, not run again."""
     from launch.presets import data_spec
 
     spec = data_spec(PRESET)
@@ -183,6 +185,10 @@ def run_pipeline(out: Path, plan: Plan, on_stage=None) -> dict:
     stages: dict[str, dict] = {}
 
     def run_stage(name, cli_args, log_dir, *, env):  # the module's run_stage, then report progress
+        if name in (done or {}):
+            print(f"[full-res] {name:16s} kept from the earlier run: {done[name]}", flush=True)
+            stages[name] = dict(done[name], kept_from_earlier_run=True)
+            return stages[name]
         result = _run_stage(name, cli_args, log_dir, env=env)
         stages[name] = result
         if on_stage is not None:
@@ -296,6 +302,25 @@ def scaling_summary(rows: list[dict]) -> dict:
                         "decode_cpu_per_tile_ratio": ratio("decode_cpu_s", "decode_tiles")}}
 
 
+STAGE_ORDER = ("synth", "train-vqgan", "encode", "train-diffusion", "sample-whole", "sample-windowed")
+
+
+def finished_stages(json_path: Path, plan: Plan) -> dict:
+    """The leading stages a stopped run recorded in ``json_path`` (``--continue``), if its plan is this
+    one; sampling stages are always run again (their metadata is needed)."""
+    if not json_path.is_file():
+        raise SystemExit(f"error: {json_path}: no earlier run to continue")
+    doc = json.loads(json_path.read_text())
+    if doc.get("plan") != json.loads(json.dumps(asdict(plan))):
+        raise SystemExit(f"error: {json_path}: the earlier run had another plan; run without --continue")
+    kept = {}
+    for name in STAGE_ORDER[:4]:
+        if name not in doc.get("stages", {}):
+            break
+        kept[name] = doc["stages"][name]
+    return kept
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True, help="work directory (store, runs, samples, logs)")
@@ -304,6 +329,9 @@ def main(argv=None) -> int:
     p.add_argument("--reduced", action="store_true", help="the test suite's reduced size (reduced_plan)")
     p.add_argument("--scaling-only", action="store_true",
                    help="only the scaling part, on the store and VQ-GAN of an earlier run in --out; added to --json")
+    p.add_argument("--continue", dest="resume", action="store_true",
+                   help="keep the stages a stopped run of the same plan recorded in --json (their outputs are in "
+                        "--out) and run the rest")
     args = p.parse_args(argv)
     plan = reduced_plan() if args.reduced else Plan()
     args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -323,7 +351,8 @@ def main(argv=None) -> int:
                                          "stages": stages, "plan": {**asdict(plan)},
                                          "environment": environment()}, indent=2) + "\n")
 
-    result = run_pipeline(args.out, plan, on_stage=partial)
+    done = finished_stages(args.json, plan) if args.resume else {}
+    result = run_pipeline(args.out, plan, on_stage=partial, done=done)
     doc = summarise(result, plan, None)
     args.json.write_text(json.dumps(doc, indent=2) + "\n")  # the pipeline's figures are kept whatever comes next
     if not args.no_scaling:
