@@ -352,6 +352,13 @@ def main(argv=None) -> int:
                                          "environment": environment()}, indent=2) + "\n")
 
     done = finished_stages(args.json, plan) if args.resume else {}
+    if done:  # what the stopped run left of the stages to run again (a SIGTERM'd trainer checkpoints)
+        import shutil
+
+        if "train-diffusion" not in done:
+            shutil.rmtree(args.out / "runs" / "diffusion", ignore_errors=True)
+        for name in ("sample-whole", "sample-windowed"):
+            shutil.rmtree(args.out / name, ignore_errors=True)
     result = run_pipeline(args.out, plan, on_stage=partial, done=done)
     doc = summarise(result, plan, None)
     args.json.write_text(json.dumps(doc, indent=2) + "\n")  # the pipeline's figures are kept whatever comes next
