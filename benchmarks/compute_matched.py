@@ -91,10 +91,11 @@ def main() -> int:
     calib_store = args.work / "calibration.zarr"
     if any(t not in cost for t in TASKS):
         make_store(calib_store, args.num, args.seed)
-        todo = [t for t in ("vqgan", "x2ct-gan") if t not in cost]
+        # the diffusion calibration encodes with a calibration VQ-GAN, so that one runs whenever diffusion is calibrated
+        todo = [t for t in ("vqgan", "x2ct-gan") if t not in cost or (t == "vqgan" and "diffusion" not in cost)]
         wait({t: start_training(t, calib_store, args.work / "calib" / t, args.calibrate_steps,
                                 args.work / f"calib-{t}.log") for t in todo})
-        cost.update({t: per_step_cost(args.work / "calib" / t) for t in todo})
+        cost.update({t: per_step_cost(args.work / "calib" / t) for t in todo if t not in cost})
         if "diffusion" not in cost:
             from stage1_vqgan.encode import encode_store
 
