@@ -388,7 +388,7 @@ def test_diffusion_samples_and_their_mean(tmp_path_factory, tmp_path):
     store, _ = encoded_store(tmp_path_factory)
     try:
         res = evaluate(store, {"diff": run}, tmp_path / "out", num_samples=2, steps=2, seed=3, progress=False,
-                       figure_cases=1)
+                       figure_cases=1, drr_guidance=0)  # the run's config says 1 (cpu-demo): 0 must reach the sampler
     finally:
         reset_accelerate()
     assert res["failures"] == [] and res["rows"] == ["diff", "diff-mean2", "mean-train-volume"]
@@ -396,7 +396,8 @@ def test_diffusion_samples_and_their_mean(tmp_path_factory, tmp_path):
     st = Store(store)
     cid = res["cases"][0]
     case = st.case(cid)
-    rec = DiffusionReconstructor(run, steps=2)
+    assert res["settings"]["drr_guidance"] == 0 and "--drr-guidance 0" in res["command"]
+    rec = DiffusionReconstructor(run, steps=2, drr_guidance=0)
     vols = rec.reconstruct({v: case.xray(v) for v in case.views()}, seed=case_seed(3, cid), num_samples=2)
     gt = np.asarray(case.ct[...])
     got = {r["method"]: r for r in res["per_case"]}
