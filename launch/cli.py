@@ -138,10 +138,10 @@ def _encode(args) -> int:
 
 
 def _sample(args) -> int:
-    from launch.tasks import RECONSTRUCTORS
+    from launch.tasks import RECONSTRUCTOR_HINTS, RECONSTRUCTORS
     from patching.artifacts.reconstruct import load_reconstructor, sample_files
 
-    rec = load_reconstructor(args.checkpoint, RECONSTRUCTORS, device=args.device, steps=args.steps, guidance=args.guidance,
+    rec = load_reconstructor(args.checkpoint, RECONSTRUCTORS, RECONSTRUCTOR_HINTS, device=args.device, steps=args.steps, guidance=args.guidance,
                              drr_guidance=args.drr_guidance)
     if args.windowed:
         if not callable(getattr(rec, "use_fallback_window", None)):

@@ -243,10 +243,10 @@ def run_demo(args) -> int:
     case_id = test_ids[0]
     _stage(5, f"reconstructing held-out case {case_id} from its X-ray PNG files")
     xrays = _export_xrays(store, case_id, _mkdir(out / "xrays"))
-    from launch.tasks import RECONSTRUCTORS
+    from launch.tasks import RECONSTRUCTOR_HINTS, RECONSTRUCTORS
     from patching.artifacts.reconstruct import load_reconstructor, sample_files
 
-    samples = {name: sample_files(load_reconstructor(runs / name, RECONSTRUCTORS, device="cpu"), xrays.get("pa"), xrays.get("lateral"),
+    samples = {name: sample_files(load_reconstructor(runs / name, RECONSTRUCTORS, RECONSTRUCTOR_HINTS, device="cpu"), xrays.get("pa"), xrays.get("lateral"),
                                   out / "samples" / name, seed=args.seed, progress=False)
                for name in ("diffusion", "x2ct-gan")}
     for name, files in samples.items():

@@ -68,11 +68,11 @@ class Method(abc.ABC):
 class ReconstructorMethod(Method):
     def __init__(self, name: str, path: str | Path, device: str | torch.device, *, steps: int | None = None,
                  guidance: float | None = None, drr_guidance: int | None = None):
-        from launch.tasks import RECONSTRUCTORS
+        from launch.tasks import RECONSTRUCTOR_HINTS, RECONSTRUCTORS
         from patching.artifacts.reconstruct import load_reconstructor
 
         self.name, self.source = name, str(path)
-        self.rec = load_reconstructor(path, RECONSTRUCTORS, device=device, steps=steps, guidance=guidance,
+        self.rec = load_reconstructor(path, RECONSTRUCTORS, RECONSTRUCTOR_HINTS, device=device, steps=steps, guidance=guidance,
                                       drr_guidance=drr_guidance)
         self.kind, self.stochastic, self.grid = self.rec.task, self.rec.stochastic, tuple(self.rec.grid)
         self.views = tuple(self.rec.views)

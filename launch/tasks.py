@@ -36,6 +36,10 @@ RECONSTRUCTORS: dict[str, str] = {
     "s-xr2ct": "gan_baselines.sampling:GanReconstructor",
 }
 RECONSTRUCTORS.update({TASKS[name]: ref for name, ref in list(RECONSTRUCTORS.items())})
+# What to do instead with the checkpoints of tasks that are not reconstructors.
+RECONSTRUCTOR_HINTS: dict[str, str] = {
+    "cncl": "it denoises CTs: xray2ct denoise --checkpoint PATH --input CT.nii.gz --out OUT.nii.gz",
+}
 
 REQUIRED = ("default_config", "build_models", "build_optimizers", "build_dataset", "train_step")
 

@@ -168,17 +168,20 @@ def to_shape(volume: np.ndarray, shape) -> np.ndarray:
     return torch.nn.functional.interpolate(t, size=shape, mode="trilinear", align_corners=False)[0, 0].numpy()
 
 
-def load_reconstructor(path: str | Path, registry: Mapping[str, str], **options: Any) -> Reconstructor:
+def load_reconstructor(path: str | Path, registry: Mapping[str, str], hints: Mapping[str, str] | None = None,
+                       **options: Any) -> Reconstructor:
     """The :class:`Reconstructor` of the checkpoint, run, ``latest``, ``step-N`` or export at
     ``path``, chosen by the task it records: ``registry`` maps a task name (or its ``module:attr``
-    reference) to the ``module:Class`` that loads it (``launch.tasks.RECONSTRUCTORS``);
-    ``options`` go to its ``from_path`` (``device``, ``steps``, ``guidance``)."""
+    reference) to the ``module:Class`` that loads it (``launch.tasks.RECONSTRUCTORS``); ``hints``
+    maps other tasks to what to do with their checkpoints instead (``launch.tasks.RECONSTRUCTOR_HINTS``);
+    ``options`` go to its ``from_path`` (``device``, ``steps``, ``guidance``, ``drr_guidance``)."""
     meta = describe(path)
     task = next((str(t) for t in (meta.get("task"), meta.get("task_ref")) if t in registry), None)
     if task is None:
         names = ", ".join(k for k in registry if ":" not in k)
+        hint = (hints or {}).get(str(meta.get("task")))
         raise InputError(path, f"is a {meta.get('task')!r} checkpoint, which does not reconstruct CTs from X-rays "
-                               f"(give one of: {names})")
+                               f"(give one of: {names})" + (f"; {hint}" if hint else ""))
     module_name, _, attr = registry[task].partition(":")
     return getattr(importlib.import_module(module_name), attr).from_path(path, **options)
 
