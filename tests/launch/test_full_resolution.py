@@ -34,4 +34,5 @@ def test_full_resolution_pipeline_at_reduced_size(tmp_path):
     doc = summarise(result, plan, rows)
     json.dumps(doc)  # JSON-ready
     assert doc["output"]["shape"] == [64, 64, 76] and doc["overrides"]["vqgan"][:3] == list(VQGAN_WIDTHS)
-    assert set(doc["stages"]["encode"]) >= {"seconds", "peak_rss_mb"} and "shared" in doc["note"]
+    assert set(doc["stages"]["encode"]) >= {"seconds", "peak_rss_mb"} and "cpu_seconds" in doc["note"]
+    assert len(doc["load_average_at_end"]) == 3 and plan.extra_env["MALLOC_MMAP_THRESHOLD_"] == str(4 << 20)
