@@ -232,9 +232,11 @@ class DiffusionReconstructor(Reconstructor):
         """One sampled latent in the VQ-GAN's units ``(C, *latent_shape)`` (÷ scale factor), for
         analyses: ``window`` None denoises the whole latent, a size denoises blended windows,
         ``"config"`` uses the checkpoint's sampler setting. Seeded like :meth:`reconstruct`'s first sample."""
-        x, present = self._inputs(check_xrays(xrays, self.views))
+        xrays = check_xrays(xrays, self.views)
+        x, present = self._inputs(xrays)
         return self._latent(x, present, torch.Generator().manual_seed(int(seed)),
-                            self.cfg.sampler.window if window == "config" else window, overlap)
+                            self.cfg.sampler.window if window == "config" else window, overlap,
+                            correct=self._projection_guidance(xrays))
 
     def decode(self, latent: torch.Tensor, tile_latent=None) -> np.ndarray:
         """int16 HU of a latent in the VQ-GAN's units, with the VQ-GAN's tiled codec

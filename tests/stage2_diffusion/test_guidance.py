@@ -66,7 +66,8 @@ def test_reconstructor_with_drr_guidance_matches_the_xrays_better(tmp_path_facto
         return float(sum(np.mean((render_drr(torch.from_numpy(hu), rec.spacing_mm, v, synth_geometry(*x.shape)).numpy()
                                   - x) ** 2) for v, x in xrays.items()))
 
-    plain = DiffusionReconstructor(run, steps=3)
+    assert DiffusionReconstructor(run, steps=3).drr_guidance_iters == 1  # the cpu-demo preset's setting
+    plain = DiffusionReconstructor(run, steps=3, drr_guidance=0)
     guided = DiffusionReconstructor(run, steps=3, drr_guidance=3)
     guided.cfg.sampler.drr_guidance_lr = 0.3
     assert plain.drr_guidance_iters == 0 and guided.info()["drr_guidance_iters"] == 3
