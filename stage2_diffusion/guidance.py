@@ -30,14 +30,7 @@ import torch.nn.functional as F
 
 from patching.data.spec import unit_to_hu
 from patching.errors import InputError
-from patching.projection.drr import DRRGeometry, render_drr
-
-DETECTOR_MM = 430.0  # xray2ct data synth: a 430 mm detector over the image (patching.data.synth_store)
-
-
-def synth_geometry(height: int, width: int) -> DRRGeometry:
-    """The DRR geometry ``xray2ct data synth`` renders an ``height × width`` X-ray with."""
-    return DRRGeometry(height=int(height), width=int(width), pixel_mm=DETECTOR_MM / int(width))
+from patching.projection.drr import chest_geometry, render_drr
 
 
 class ProjectionGuidance:
@@ -57,7 +50,7 @@ class ProjectionGuidance:
             raise InputError("sampler.drr_guidance_iters", "needs at least one X-ray to match")
         self.decode, self.spacing = decode, tuple(float(s) for s in spacing_mm)
         self.targets = {v: torch.as_tensor(img, dtype=torch.float32) for v, img in xrays.items()}
-        self.geometry = {v: synth_geometry(*img.shape[-2:]) for v, img in self.targets.items()}
+        self.geometry = {v: chest_geometry(*img.shape[-2:]) for v, img in self.targets.items()}
         self.iters, self.lr = int(iters), float(lr)
 
     def loss(self, x0: torch.Tensor) -> torch.Tensor:

@@ -32,9 +32,9 @@ def render_views(hu: np.ndarray, spacing_mm, views: Sequence[str], size: int) ->
     """Cone-beam DRRs of ``hu`` for each view, with the geometry as plain attributes."""
     import torch
 
-    from patching.projection.drr import DRRGeometry, render_drr
+    from patching.projection.drr import chest_geometry, render_drr
 
-    geometry = DRRGeometry(height=size, width=size, pixel_mm=430.0 / size)
+    geometry = chest_geometry(size, size)
     out = {}
     with torch.no_grad():
         vol = torch.from_numpy(np.asarray(hu, dtype=np.float32))

@@ -122,6 +122,15 @@ class DRRGeometry:
         return 1.0 if self.parallel else self.sdd_mm / self.sid_mm
 
 
+DETECTOR_MM = 430.0  # the chest detector's width: DRRGeometry's default pitch is this over 256 pixels
+
+
+def chest_geometry(height: int, width: int) -> DRRGeometry:
+    """The default chest geometry with its 430 mm detector spread over ``height × width`` pixels:
+    what ``xray2ct data synth`` renders with, and what an X-ray's size alone implies."""
+    return DRRGeometry(height=int(height), width=int(width), pixel_mm=DETECTOR_MM / int(width))
+
+
 def hu_to_mu(hu: Tensor, mu_water: float = MU_WATER_PER_MM, bone_threshold_hu: float | None = None,
              bone_boost: float = 1.0) -> Tensor:
     """Linear attenuation (1/mm) from HU: ``mu_water * (1 + HU/1000)``, clipped at 0.

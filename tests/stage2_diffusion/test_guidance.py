@@ -11,9 +11,9 @@ from launch.cli import main
 from patching.data.store import Store
 from patching.errors import InputError
 from patching.phantoms.chest import synth_chest
-from patching.projection.drr import render_drr
+from patching.projection.drr import chest_geometry, render_drr
 from stage2_diffusion.config import DiffusionConfig, SamplerConfig
-from stage2_diffusion.guidance import ProjectionGuidance, corrected_output, synth_geometry
+from stage2_diffusion.guidance import ProjectionGuidance, corrected_output
 from stage2_diffusion.pipeline import DiffusionReconstructor
 from stage2_diffusion.schedules import sample_scheduler
 from tests.stage2_diffusion.test_task import encoded_store, trained_run
@@ -43,7 +43,7 @@ def test_corrected_output_predicts_the_corrected_estimate(kind):
 def test_projection_guidance_brings_the_drrs_towards_the_xrays():
     ph = synth_chest((32, 32, 32), seed=1)
     hu = torch.from_numpy(ph.hu.astype(np.float32))
-    xrays = {v: render_drr(hu, ph.spacing_mm, v, synth_geometry(32, 32)) for v in ("pa", "lateral")}
+    xrays = {v: render_drr(hu, ph.spacing_mm, v, chest_geometry(32, 32)) for v in ("pa", "lateral")}
     start = (hu * 0.6)[None, None]  # a washed-out estimate
 
     guide = ProjectionGuidance(lambda x: x, xrays, ph.spacing_mm, iters=30, lr=20.0)
@@ -63,7 +63,7 @@ def test_reconstructor_with_drr_guidance_matches_the_xrays_better(tmp_path_facto
 
     def drr_error(rec) -> float:
         hu = rec.reconstruct(xrays, seed=1)[0].astype(np.float32)
-        return float(sum(np.mean((render_drr(torch.from_numpy(hu), rec.spacing_mm, v, synth_geometry(*x.shape)).numpy()
+        return float(sum(np.mean((render_drr(torch.from_numpy(hu), rec.spacing_mm, v, chest_geometry(*x.shape)).numpy()
                                   - x) ** 2) for v, x in xrays.items()))
 
     assert DiffusionReconstructor(run, steps=3).drr_guidance_iters == 1  # the cpu-demo preset's setting
