@@ -147,6 +147,7 @@ def _sample(args) -> int:
         if not callable(getattr(rec, "use_fallback_window", None)):
             raise InputError("--windowed", f"{rec.task} has no windowed sampling (diffusion only)")
         rec.use_fallback_window()
+    rec.progress = True  # a full-size sample runs for minutes: show its steps and tiles
     files = sample_files(rec, args.pa, args.lateral, args.out, seed=args.seed, num_samples=args.num_samples)
     for kind, path in files.items():
         print(f"  {kind:8s} {path}")

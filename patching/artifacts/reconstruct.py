@@ -44,7 +44,8 @@ class Reconstructor(abc.ABC):
     ``geometry`` (:class:`VolumeSpec` of the volumes it returns: shape, spacing, HU window),
     ``grid`` (the model's own output grid; other shapes are interpolated), ``step``,
     ``weights`` ("ema" or "raw"), ``source`` (the resolved checkpoint or export) and
-    ``stochastic`` (False: one volume per X-ray set, whatever the seed).
+    ``stochastic`` (False: one volume per X-ray set, whatever the seed). ``progress`` (set it
+    after loading) turns on the bars of slow methods: denoising steps and tile decoding.
     """
 
     task: str
@@ -56,6 +57,7 @@ class Reconstructor(abc.ABC):
     step: int
     weights: str
     source: Path
+    progress: bool = False
 
     @classmethod
     @abc.abstractmethod

@@ -134,3 +134,14 @@ def test_reconstructor_option_errors(setup, rec):
         DiffusionReconstructor(setup[0], steps=0)
     with pytest.raises(InputError, match="guidance"):
         DiffusionReconstructor(setup[0], guidance=float("nan"))
+
+
+def test_sample_cli_shows_progress(setup, tmp_path, capsys):
+    """`xray2ct sample` turns the reconstructor's bars on: a full-size sample runs for minutes."""
+    from launch.cli import main
+
+    run, _, pa, lat = setup
+    assert main(["sample", "--checkpoint", str(run), "--pa", str(pa), "--lateral", str(lat), "--out",
+                 str(tmp_path / "o"), "--steps", "2", "--drr-guidance", "0", "--device", "cpu"]) == 0
+    err = capsys.readouterr().err
+    assert "denoising" in err and "2/2" in err  # tqdm's bar over the two sampler steps
