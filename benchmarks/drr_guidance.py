@@ -39,6 +39,8 @@ def main(argv=None) -> int:
     p.add_argument("--num-samples", type=int, default=4)
     p.add_argument("--split", default="test")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--name", default="drr-guidance",
+                   help="record as benchmarks/results/NAME-cpu.json (keep an earlier sweep beside a new one)")
     p.add_argument("--no-record", action="store_true")
     args = p.parse_args(argv)
 
@@ -87,7 +89,7 @@ def main(argv=None) -> int:
         row["gain_vs_first"] = {k: round(row[k] - base[k], 3) for k in row if k.endswith(("psnr", "ssim"))
                                 or "_drr_psnr_" in k}
     if not args.no_record:
-        print(record("drr-guidance", {"run": args.run, "store": args.store, "split": args.split, "rows": rows}))
+        print(record(args.name, {"run": args.run, "store": args.store, "split": args.split, "rows": rows}))
     return 0
 
 
