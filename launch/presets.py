@@ -7,8 +7,8 @@ sections are in each task's own registry.
 
 from __future__ import annotations
 
+from patching.checks import named_preset
 from patching.data.spec import DATA_PRESETS, cpu_demo_data, ctpa_512_data, data_spec  # noqa: F401  (re-exported)
-from patching.errors import InputError
 
 from .config import TrainConfig
 
@@ -38,7 +38,4 @@ TRAIN_PRESETS = {"cpu-demo": cpu_demo_train, "ctpa-512": ctpa_512_train, "s-xr2c
 
 
 def train_spec(name: str) -> TrainConfig:
-    try:
-        return TRAIN_PRESETS[name]()
-    except KeyError:
-        raise InputError("--preset", f"unknown preset {name!r}; known: {', '.join(sorted(TRAIN_PRESETS))}") from None
+    return named_preset(TRAIN_PRESETS, name)

@@ -29,6 +29,15 @@ def need(ok: bool, key: str, what: str, value) -> None:
         raise InputError(key, f"{what}, got {value!r}")
 
 
+def named_preset(table: Mapping[str, Any], name: str, owner: str | None = None):
+    """``table[name]()``: the preset called ``name`` built by its factory, or an ``InputError`` on
+    ``--preset`` listing the known names (``owner``: whose presets, for the message)."""
+    if name not in table:
+        whose = f" for {owner}" if owner else ""
+        raise InputError("--preset", f"unknown preset {name!r}{whose}; known: {', '.join(sorted(table))}")
+    return table[name]()
+
+
 def is_pos_int(value) -> bool:
     """A positive ``int`` (``bool`` excluded)."""
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from patching.checks import is_finite as _finite
 from patching.checks import is_pos_int as _pos_int
-from patching.checks import is_pos_ints
+from patching.checks import is_pos_ints, named_preset
 from patching.checks import need as _need
 from patching.errors import InputError
 
@@ -251,7 +251,4 @@ PRESETS = {"cpu-demo": cpu_demo, "ctpa-512": ctpa_512}
 
 
 def preset(name: str) -> Stage1Config:
-    try:
-        return PRESETS[name]()
-    except KeyError:
-        raise InputError("--preset", f"unknown preset {name!r}; known: {', '.join(sorted(PRESETS))}") from None
+    return named_preset(PRESETS, name)

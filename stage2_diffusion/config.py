@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from patching.checks import is_finite as _finite
 from patching.checks import is_pos_int as _pos_int
 from patching.checks import is_pos_ints as _ints
+from patching.checks import named_preset
 from patching.checks import need as _need
 from patching.errors import InputError
 
@@ -323,7 +324,4 @@ PRESETS = {"cpu-demo": cpu_demo, "ctpa-512": ctpa_512}
 
 
 def preset(name: str) -> Stage2Config:
-    try:
-        return PRESETS[name]()
-    except KeyError:
-        raise InputError("--preset", f"unknown preset {name!r}; known: {', '.join(sorted(PRESETS))}") from None
+    return named_preset(PRESETS, name)

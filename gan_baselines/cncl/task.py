@@ -29,6 +29,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
+from patching.checks import named_preset
 from patching.data.spec import VolumeSpec, unit_to_hu
 from patching.data.store import Store
 from patching.errors import InputError
@@ -63,10 +64,7 @@ class CNCLTask:
         return {"cpu-demo": cncl.cpu_demo, "ctpa-512": cncl.paper}
 
     def default_config(self, preset: str):
-        presets = self.presets()
-        if preset not in presets:
-            raise InputError("--preset", f"unknown preset {preset!r} for {self.name}; known: {', '.join(sorted(presets))}")
-        return presets[preset]()
+        return named_preset(self.presets(), preset, self.name)
 
     def train_defaults(self, preset: str) -> dict[str, Any]:
         out: dict[str, Any] = {"lr": self.default_config(preset).optim.lr, "clip_grad": 0.0}

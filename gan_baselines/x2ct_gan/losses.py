@@ -62,9 +62,17 @@ def generator_losses(G_out: Tensor, target: Tensor, xrays: Mapping[str, Tensor],
     w = cfg.loss
     losses = {"recon": F.mse_loss(G_out, target)}
     losses["proj"] = projection_l1(G_out, target, w.proj_views) if w.proj_views else G_out.new_zeros(())
+    return with_adversarial_total(losses, G_out, xrays, D, cfg.model, w)
+
+
+def with_adversarial_total(losses: dict[str, Tensor], G_out: Tensor, xrays: Mapping[str, Tensor], D: nn.Module,
+                           model_cfg, w) -> dict[str, Tensor]:
+    """``losses`` (``recon``, ``proj``) plus the conditional LSGAN term ``adv`` (``D`` frozen; zero
+    without an adversarial weight) and ``total``, the sum weighted by ``w`` (a loss config). Shared
+    by X2CT-GAN and X-Recon, whose generator objectives differ only in their projection term."""
     if w.adv_weight > 0:
         with frozen(D):
-            losses["adv"] = lsgan_g_loss(D(G_out, condition(xrays, cfg.model)))
+            losses["adv"] = lsgan_g_loss(D(G_out, condition(xrays, model_cfg)))
     else:
         losses["adv"] = G_out.new_zeros(())
     losses["total"] = w.recon_weight * losses["recon"] + w.proj_weight * losses["proj"] + w.adv_weight * losses["adv"]

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from patching.checks import named_preset
 from patching.data.preview import triplanar_image
 from patching.data.spec import VolumeSpec, unit_to_hu
 from patching.data.store import Store
@@ -77,10 +78,7 @@ class X2CTGANTask:
         return {"cpu-demo": self.module.cpu_demo, "ctpa-512": self.module.paper}
 
     def default_config(self, preset: str):
-        presets = self.presets()
-        if preset not in presets:
-            raise InputError("--preset", f"unknown preset {preset!r} for {self.name}; known: {', '.join(sorted(presets))}")
-        return presets[preset]()
+        return named_preset(self.presets(), preset, self.name)
 
     def train_defaults(self, preset: str) -> dict[str, Any]:
         """The paper's optimiser rate and batch, no clipping; a short EMA for CPU demos."""

@@ -24,8 +24,12 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from ..common import check_volume, frozen, lsgan_d_loss, lsgan_g_loss, projection_l1
-from ..x2ct_gan.losses import condition
+from ..common import check_volume, projection_l1
+from ..x2ct_gan.losses import (  # X-Recon's D loss is X2CT-GAN's
+    condition,
+    discriminator_loss,
+    with_adversarial_total,
+)
 from .config import XReconConfig
 
 __all__ = ["condition", "discriminator_loss", "generator_losses", "random_pose", "apply_pose"]
@@ -90,15 +94,4 @@ def generator_losses(G_out: Tensor, target: Tensor, xrays: Mapping[str, Tensor],
         losses["proj"] = projection_l1(fake, real, w.proj_views)
     else:
         losses["proj"] = G_out.new_zeros(())
-    if w.adv_weight > 0:
-        with frozen(D):
-            losses["adv"] = lsgan_g_loss(D(G_out, condition(xrays, cfg.model)))
-    else:
-        losses["adv"] = G_out.new_zeros(())
-    losses["total"] = w.recon_weight * losses["recon"] + w.proj_weight * losses["proj"] + w.adv_weight * losses["adv"]
-    return losses
-
-
-def discriminator_loss(D: nn.Module, real: Tensor, fake: Tensor, cond: Tensor | None) -> Tensor:
-    """LSGAN discriminator loss on a real and a (detached) generated volume, same condition."""
-    return lsgan_d_loss(D(real, cond), D(fake.detach(), cond))
+    return with_adversarial_total(losses, G_out, xrays, D, cfg.model, w)

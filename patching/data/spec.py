@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from patching.checks import named_preset
 from patching.errors import InputError
 
 AIR_HU = -1024  # padding value for crop/pad and the floor of every HU window
@@ -101,7 +102,4 @@ DATA_PRESETS = {"cpu-demo": cpu_demo_data, "ctpa-512": ctpa_512_data, "s-xr2ct-1
 
 
 def data_spec(name: str) -> VolumeSpec:
-    try:
-        return DATA_PRESETS[name]()
-    except KeyError:
-        raise InputError("--preset", f"unknown preset {name!r}; known: {', '.join(sorted(DATA_PRESETS))}") from None
+    return named_preset(DATA_PRESETS, name)
