@@ -75,8 +75,11 @@ def xray2ct(*args: str, log: Path) -> None:
     with log.open("a") as f:
         f.write("$ xray2ct " + " ".join(args) + "\n")
         f.flush()
-        subprocess.run(cmd, cwd=REPO, check=True, stdout=f, stderr=subprocess.STDOUT,
-                       env=dict(os.environ, PYTHONPATH=str(REPO)))
+        done = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT,
+                              env=dict(os.environ, PYTHONPATH=str(REPO)))
+    if done.returncode != 0:
+        print(f"error: `xray2ct {' '.join(args[:2])}` failed (exit {done.returncode}); see {log}", file=sys.stderr)
+        raise SystemExit(2)
 
 
 def _rows(evaluation: Path) -> dict:
