@@ -70,6 +70,18 @@ def environment() -> dict:
     return info
 
 
+def shown_path(path: str | Path) -> str:
+    """A path as results carry it: relative to the repository when it lies inside it (never a
+    scratch prefix of this machine), unchanged when relative already or outside the repository."""
+    path = Path(path)
+    if not path.is_absolute():
+        return str(path)
+    try:
+        return str(path.relative_to(Path(__file__).resolve().parents[1]))
+    except ValueError:
+        return str(path)
+
+
 def record(name: str, figures: dict, *, out_dir: Path | None = None) -> Path:
     """Write ``benchmarks/results/<name>-<device>.json`` with figures and environment."""
     env = environment()

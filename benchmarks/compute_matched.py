@@ -30,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import record  # noqa: E402
+from benchmarks._common import record, shown_path  # noqa: E402
 from launch.demo import STEPS, _cpu_seconds  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,16 +59,6 @@ def per_step_cost(run: Path) -> float:
     recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
     a, b = recs[0], recs[-1]
     return (b["cpu_s"] - a["cpu_s"]) / max(1, b["step"] - a["step"])
-
-
-def _shown(path: Path) -> str:
-    """A path as results should carry it: relative to the repository when it lies inside it."""
-    if not path.is_absolute():
-        return str(path)
-    try:
-        return str(path.relative_to(REPO))
-    except ValueError:
-        return str(path)
 
 
 def make_store(path: Path, num: int, seed: int) -> None:
@@ -135,7 +125,7 @@ def main() -> int:
         wanted = {"steps": steps, "num": args.num, "seed": args.seed, "num_samples": args.num_samples}
         if finished.exists() and plan.exists() and json.loads(plan.read_text()) == wanted:
             # a budget an earlier run finished with the same steps, phantoms and samples is read back, not retrained
-            print(f"budget {budget:g}: reusing {_shown(finished)}", flush=True)
+            print(f"budget {budget:g}: reusing {shown_path(finished)}", flush=True)
             report = json.loads(finished.read_text())
         else:
             plan.write_text(json.dumps(wanted))
@@ -154,7 +144,7 @@ def main() -> int:
             "steps": steps, "cpu_seconds_spent": spent,
             "cpu_seconds_per_method": {"diffusion (VQ-GAN + diffusion)": round(spent["vqgan"] + spent["diffusion"], 1),
                                        "x2ct-gan": spent["x2ct-gan"], "mean-train-volume": 0.0},
-            "evaluation": rows, "summary_md": _shown(d / "evaluation" / "summary.md")}
+            "evaluation": rows, "summary_md": shown_path(d / "evaluation" / "summary.md")}
         print((d / "evaluation" / "summary.md").read_text().split("\n\nCells:")[0], flush=True)
         print(f"CPU-seconds spent: {spent}", flush=True)
     figures["seconds"] = round(time.perf_counter() - t0, 1)

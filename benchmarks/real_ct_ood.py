@@ -39,7 +39,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import record  # noqa: E402
+from benchmarks._common import record, shown_path  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = "totalsegmentator==2.18.0"
@@ -70,16 +70,23 @@ def fetch_ct(cache: Path) -> Path:
     return target
 
 
-def xray2ct(*args: str, log: Path) -> None:
-    cmd = [sys.executable, "-m", "launch.cli", *args]
+def run(cmd: list[str], shown: str, log: Path) -> str:
+    """Run one step, its command line and stderr appended to ``log``; returns its stdout. A failing
+    step is one line naming it and the log, exit 2."""
     with log.open("a") as f:
-        f.write("$ xray2ct " + " ".join(args) + "\n")
+        f.write(f"$ {shown}\n")
         f.flush()
-        done = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT,
+        done = subprocess.run(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=f, text=True,
                               env=dict(os.environ, PYTHONPATH=str(REPO)))
+        f.write(done.stdout)
     if done.returncode != 0:
-        print(f"error: `xray2ct {' '.join(args[:2])}` failed (exit {done.returncode}); see {log}", file=sys.stderr)
+        print(f"error: `{' '.join(shown.split()[:3])}` failed (exit {done.returncode}); see {log}", file=sys.stderr)
         raise SystemExit(2)
+    return done.stdout
+
+
+def xray2ct(*args: str, log: Path) -> str:
+    return run([sys.executable, "-m", "launch.cli", *args], "xray2ct " + " ".join(args), log)
 
 
 def _rows(evaluation: Path) -> dict:
@@ -119,30 +126,29 @@ def main() -> int:
     xray2ct("data", "drr", "--store", str(store_path), log=log)
     runs = args.demo / "runs"
     xray2ct("encode", "--store", str(store_path), "--vqgan", str(runs / "vqgan"), "--split", "test", log=log)
-    codec = subprocess.run([sys.executable, str(REPO / "benchmarks" / "codec_psnr.py"), "--store", str(store_path),
-                            "--vqgan", str(runs / "vqgan")], check=True, capture_output=True, text=True)
-    codec_json = json.loads(codec.stdout.splitlines()[0])
-    evaluation = args.out / "evaluation"
-    if evaluation.exists():
-        shutil.rmtree(evaluation)
-    xray2ct("evaluate", "--store", str(store_path), "--split", "test", "--method", f"diffusion={runs / 'diffusion'}",
-            "--method", f"x2ct-gan={runs / 'x2ct-gan'}", "--num-samples", str(args.num_samples),
-            "--out", str(evaluation), log=log)
-    rows = _rows(evaluation)
-    sweep = {}
-    for iters in args.guidance_sweep:
-        d = args.out / f"diffusion-drr-guidance-{iters}"
-        if d.exists():
-            shutil.rmtree(d)
+    codec_args = ["--store", str(store_path), "--vqgan", str(runs / "vqgan")]
+    codec_json = json.loads(run([sys.executable, str(REPO / "benchmarks" / "codec_psnr.py"), *codec_args],
+                                "python benchmarks/codec_psnr.py " + " ".join(codec_args), log).splitlines()[0])
+
+    def evaluate(out: Path, *options: str) -> dict:
+        """``xray2ct evaluate`` of diffusion (and ``options``) on the real case into a fresh ``out``."""
+        if out.exists():
+            shutil.rmtree(out)
         xray2ct("evaluate", "--store", str(store_path), "--split", "test", "--method", f"diffusion={runs / 'diffusion'}",
-                "--num-samples", "1", "--drr-guidance", str(iters), "--no-mean-baseline", "--out", str(d), log=log)
-        sweep[str(iters)] = _rows(d)["diffusion"]
+                *options, "--out", str(out), log=log)
+        return _rows(out)
+
+    evaluation = args.out / "evaluation"
+    rows = evaluate(evaluation, "--method", f"x2ct-gan={runs / 'x2ct-gan'}", "--num-samples", str(args.num_samples))
+    sweep = {str(iters): evaluate(args.out / f"diffusion-drr-guidance-{iters}", "--num-samples", "1", "--drr-guidance",
+                                  str(iters), "--no-mean-baseline")["diffusion"]
+             for iters in args.guidance_sweep}
     case = store.case(real_id)
     figures = {"ct": {"source": f"{PACKAGE} sdist: {MEMBER}" if args.ct is None else ct.name, "sha256": SHA256
                       if args.ct is None else None, "case_id": real_id, "grid": list(case.shape),
                       "spacing_mm": list(case.spacing_mm)},
-               "demo": str(args.demo), "codec": codec_json, "evaluation": rows,
-               "diffusion_by_drr_guidance_iters": sweep, "summary_md": str(evaluation / "summary.md")}
+               "demo": shown_path(args.demo), "codec": codec_json, "evaluation": rows,
+               "diffusion_by_drr_guidance_iters": sweep, "summary_md": shown_path(evaluation / "summary.md")}
     print((evaluation / "summary.md").read_text().split("\n\nCells:")[0])
     print(f"codec PSNR on the real CT: {codec_json['codec_psnr_db'][0]:.2f} dB "
           f"(mean training volume {codec_json['mean_train_volume_psnr_db'][0]:.2f} dB)")

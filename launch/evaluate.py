@@ -271,9 +271,8 @@ def evaluate(store: str | Path, methods: Mapping[str, str | Path], out: str | Pa
     lpips_net = M.load_feature_net(lpips_weights) if lpips_weights is not None else None
     command = command or _command(store, methods, out, split=split, num_samples=num_samples, steps=steps,
                                   guidance=guidance, drr_guidance=drr_guidance, seed=seed, figure_cases=figure_cases,
-                                  max_cases=max_cases,
-                                  mean_baseline=mean_baseline, lpips_weights=lpips_weights, device=device,
-                                  preset=preset)
+                                  max_cases=max_cases, mean_baseline=mean_baseline, lpips_weights=lpips_weights,
+                                  device=device, preset=preset)
 
     state = PartialState(cpu=not torch.cuda.is_available() or (device is not None and str(device) == "cpu"))
     main_proc = state.is_main_process
